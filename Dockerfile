@@ -1,0 +1,78 @@
+# thresher: select a subset of the images, then train a torchvision model on it.
+#
+#   docker build -t thresher .                                  online, from python:3.11-slim
+#   docker build --build-arg BASE_IMAGE=thresher-base:bookworm \
+#                --build-arg PIP_NO_INDEX=1 -t thresher .       offline, from wheelhouse/
+#   docker run --rm -v "$PWD/images:/data/input:ro" -v "$PWD/runs:/data/output" \
+#       --user "$(id -u):$(id -g)" thresher data=folder sampler=random trainer.epochs=1
+#
+# Any base with CPython 3.11 and the venv module works (scripts/make-base-image.sh makes one
+# from the Debian mirror). Offline, wheelhouse/ must hold every wheel, setuptools and wheel
+# included (scripts/make-wheelhouse.sh fills it); online it may be empty.
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---- build: a virtualenv with the dependencies, then thresher itself ---------------------------
+FROM ${BASE_IMAGE} AS build
+
+# PIP_NO_INDEX=1: install from wheelhouse/ only, no network at all.
+ARG PIP_NO_INDEX=0
+ENV PIP_FIND_LINKS=/wheelhouse \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# Dependencies first, read from pyproject.toml, so that editing the code does not reinstall torch.
+# This stage is thrown away, so the wheels copied here never reach the final image.
+COPY wheelhouse/ /wheelhouse/
+COPY pyproject.toml /src/pyproject.toml
+RUN python -c 'import tomllib; print(*tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+
+# README.m[d]: pyproject.toml names README.md as the long description; the glob keeps the COPY
+# from failing where it is missing (setuptools then says so itself).
+COPY pyproject.toml README.m[d] /src/
+COPY conf/ /src/conf/
+COPY app/ /src/app/
+RUN pip install /src \
+ && pip check \
+ && python -c "import app"
+
+# ---- runtime ------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE}
+
+ARG SOURCE_URL=https://github.com/thresher/thresher
+LABEL org.opencontainers.image.title="thresher" \
+      org.opencontainers.image.description="Select the grain from the chaff (coreset or random), then train a torchvision model on it; Hydra-composed." \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# A fixed non-root user; the image also runs under any other UID (`--user "$(id -u):$(id -g)"`),
+# so everything written outside /data/output goes to world-writable /tmp.
+RUN groupadd --gid 1000 thresher \
+ && useradd --uid 1000 --gid thresher --no-create-home --home-dir /tmp --shell /usr/sbin/nologin thresher \
+ && mkdir -p /data/input /data/output /tmp/thresher-cache \
+ && chmod 1777 /data/output /tmp/thresher-cache
+
+COPY --from=build /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    TORCH_HOME=/tmp/.cache/torch \
+    THRESHER_INPUT_DIR=/data/input \
+    THRESHER_WORK_DIR=/data/output \
+    THRESHER_CACHE_DIR=/tmp/thresher-cache
+
+USER thresher
+WORKDIR /data/output
+
+# Exec form: the Python process is PID 1 and gets `docker stop`'s SIGTERM itself (thresher handles
+# it and exits 143); `docker run IMAGE key=value ...` hands the overrides straight to Hydra.
+ENTRYPOINT ["thresher"]
+CMD []

@@ -1,0 +1,275 @@
+"""Typed configuration: the schemas Hydra composes against, and the checks that refuse a bad run.
+
+Everything here is importable without torch, so composing and checking a config stays fast and a
+user error is reported before any heavy work starts.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+STAGES = ("scan", "embed", "select", "train")
+SAMPLER_METHODS = ("coreset", "random", "none")
+# Classifiers the training stage can build, by torchvision name (checked without importing it).
+CLASSIFIERS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+    "convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x1_0",
+)
+OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+WEIGHTS_NAME_PATTERN = re.compile(r"^\w+_Weights\.\w+$")
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    weights: Optional[str] = None
+
+
+@dataclass
+class ShapesDataConfig:
+    name: str = "shapes"
+    n_images: int = 300
+    shapes_image_size: int = 96
+    n_corrupt: int = 0
+    image_size: int = 64
+
+
+@dataclass
+class FolderDataConfig:
+    name: str = "folder"
+    input_dir: str = "/data/input"
+    image_size: int = 64
+
+
+@dataclass
+class StoppingCondition:
+    # int >= 1 (a count), float in (0, 1] (a fraction) or -1 (off); Any keeps int and float apart.
+    n_samples: Any = -1
+    min_distance: float = -1.0
+
+
+@dataclass
+class SamplerConfig:
+    method: str = "coreset"
+    stopping_condition: StoppingCondition = field(default_factory=StoppingCondition)
+    normalize_embeddings: bool = True
+    batch_size: int = 64
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "auto"
+    # None: none on the CPU (worker processes only compete with compute there), one per core
+    # (at most 8) on CUDA; -1: one per core.
+    num_workers: Optional[int] = None
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    optimizer: str = "AdamW"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2
+
+
+@dataclass
+class ThresherConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = MISSING
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    work_dir: str = "runs"
+    note: str = ""
+    run_directory: Optional[str] = None
+    overwrite: bool = False
+    resume: bool = False
+    seed: int = 0
+    token: Optional[str] = None
+    stages: List[str] = field(default_factory=lambda: list(STAGES))
+    sanity_check: bool = False
+    enable_corruptness_check: bool = True
+
+
+def register_configs() -> None:
+    """Put the schemas where the yaml files' defaults lists find them."""
+    store = ConfigStore.instance()
+    store.store(name="thresher_schema", node=ThresherConfig)
+    store.store(group="data", name="shapes_schema", node=ShapesDataConfig)
+    store.store(group="data", name="folder_schema", node=FolderDataConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-directory naming, as resolvers so Hydra's own run dir is the same folder
+# ---------------------------------------------------------------------------------------------
+_STARTED_AT = datetime.now(timezone.utc)
+
+
+def run_stamp() -> str:
+    """The UTC start time of this process, fixed once so every use names the same folder."""
+    return _STARTED_AT.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def safe_note(note: Optional[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(note or "")).strip("_")
+
+
+def run_directory_path(work_dir: str, note: Optional[str], run_directory: Optional[str]) -> str:
+    """`run_directory` (relative to work_dir unless absolute) or `<work_dir>/<UTC stamp>_<note>`."""
+    if run_directory:
+        return str(Path(work_dir) / run_directory)  # an absolute run_directory wins the join
+    note = safe_note(note)
+    return str(Path(work_dir) / (f"{run_stamp()}_{note}" if note else run_stamp()))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("thresher_run_dir"):
+        OmegaConf.register_new_resolver("thresher_run_dir", run_directory_path)
+    if not OmegaConf.has_resolver("thresher_stamp"):
+        OmegaConf.register_new_resolver("thresher_stamp", run_stamp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that the schema cannot express
+# ---------------------------------------------------------------------------------------------
+def closest(word: str, candidates: Iterable[str], n: int = 3) -> List[str]:
+    return difflib.get_close_matches(str(word), list(candidates), n=n, cutoff=0.5)
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    near = closest(word, candidates)
+    return f" (did you mean {' or '.join(near)}?)" if near else ""
+
+
+def _refuse(key: str, value: Any, allowed: str, candidates: Iterable[str] = ()) -> UserError:
+    return UserError(f"{key}={value!r} is not allowed: {allowed}{did_you_mean(value, candidates)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def n_samples_kind(value: Any) -> str:
+    """'off', 'count' or 'fraction'; raises for anything else."""
+    if _is_int(value) and value == -1:
+        return "off"
+    if _is_int(value) and value >= 1:
+        return "count"
+    if isinstance(value, float) and math.isfinite(value):
+        if value == -1.0:
+            return "off"
+        if 0.0 < value <= 1.0:
+            return "fraction"
+    raise _refuse("sampler.stopping_condition.n_samples", value,
+                  "use a count (an integer >= 1), a fraction in (0, 1], or -1 for off")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse values out of range with one line naming the key, the value and what is allowed."""
+    stages = list(cfg.stages)
+    for stage in stages:
+        if stage not in STAGES:
+            raise _refuse("stages", stage, f"choose from {', '.join(STAGES)}", STAGES)
+    if not stages:
+        raise _refuse("stages", stages, f"name at least one of {', '.join(STAGES)}")
+    if len(set(stages)) != len(stages):
+        raise _refuse("stages", stages, "name each stage once")
+
+    sampler = cfg.sampler
+    if sampler.method not in SAMPLER_METHODS:
+        raise _refuse("sampler.method", sampler.method, f"choose from {', '.join(SAMPLER_METHODS)}",
+                      SAMPLER_METHODS)
+    n_samples_kind(sampler.stopping_condition.n_samples)
+    min_distance = sampler.stopping_condition.min_distance
+    if not (min_distance == -1 or (math.isfinite(min_distance) and min_distance >= 0)):
+        raise _refuse("sampler.stopping_condition.min_distance", min_distance,
+                      "use a distance >= 0, or -1 for off")
+    if min_distance >= 0 and sampler.method != "coreset":
+        raise _refuse("sampler.stopping_condition.min_distance", min_distance,
+                      f"it applies to sampler=coreset only, not sampler={sampler.method}; use -1")
+    if sampler.batch_size < 1:
+        raise _refuse("sampler.batch_size", sampler.batch_size, "use an integer >= 1")
+
+    trainer = cfg.trainer
+    if trainer.epochs < 1:
+        raise _refuse("trainer.epochs", trainer.epochs, "use an integer >= 1")
+    if trainer.batch_size < 1:
+        raise _refuse("trainer.batch_size", trainer.batch_size, "use an integer >= 1")
+    if not trainer.lr > 0:
+        raise _refuse("trainer.lr", trainer.lr, "use a learning rate > 0")
+    if trainer.weight_decay < 0:
+        raise _refuse("trainer.weight_decay", trainer.weight_decay, "use a value >= 0")
+    if not 0 <= trainer.val_fraction < 1:
+        raise _refuse("trainer.val_fraction", trainer.val_fraction, "use a fraction in [0, 1)")
+    if trainer.optimizer not in OPTIMIZERS:
+        raise _refuse("trainer.optimizer", trainer.optimizer,
+                      f"choose a torch.optim name: {', '.join(OPTIMIZERS)}", OPTIMIZERS)
+
+    if not DEVICE_PATTERN.match(str(cfg.hardware.device)):
+        raise _refuse("hardware.device", cfg.hardware.device, "use auto, cpu, cuda, cuda:N or mps",
+                      ["auto", "cpu", "cuda", "mps"])
+    if cfg.hardware.num_workers is not None and cfg.hardware.num_workers < -1:
+        raise _refuse("hardware.num_workers", cfg.hardware.num_workers,
+                      "use an integer >= 0, -1 for one per CPU core, or null for automatic")
+
+    if cfg.model.name not in CLASSIFIERS:
+        raise _refuse("model.name", cfg.model.name,
+                      f"choose a torchvision classifier: {', '.join(CLASSIFIERS)}", CLASSIFIERS)
+    weights = cfg.model.weights
+    if weights and not WEIGHTS_NAME_PATTERN.match(weights) and not Path(weights).is_file():
+        raise _refuse("model.weights", weights,
+                      "use null, an existing state-dict file, or a torchvision weights name "
+                      "such as ResNet18_Weights.IMAGENET1K_V1")
+
+    _validate_data(cfg.data, needs_input="scan" in stages or cfg.sanity_check)
+    if cfg.overwrite and cfg.resume:
+        raise _refuse("resume", True, "choose overwrite=true or resume=true, not both")
+
+
+def _validate_data(data: DictConfig, needs_input: bool) -> None:
+    if data.image_size < 16:
+        raise _refuse("data.image_size", data.image_size, "use an integer >= 16")
+    if data.name == "shapes":
+        if data.n_images < 3:
+            raise _refuse("data.n_images", data.n_images, "use an integer >= 3 (one per class)")
+        if data.shapes_image_size < 32:
+            raise _refuse("data.shapes_image_size", data.shapes_image_size, "use an integer >= 32")
+        if not 0 <= data.n_corrupt < data.n_images:
+            raise _refuse("data.n_corrupt", data.n_corrupt,
+                          f"use an integer in [0, data.n_images={data.n_images})")
+    elif data.name == "folder":
+        input_dir = Path(data.input_dir)
+        if needs_input and not input_dir.is_dir():
+            raise _refuse("data.input_dir", str(input_dir),
+                          "it must be an existing folder of images (in Docker, mount it at /data/input)")
+    else:
+        raise _refuse("data.name", data.name, "choose shapes or folder", ["shapes", "folder"])
+
+
+def shapes_cache_dir() -> Path:
+    """Where generated datasets live: $THRESHER_CACHE_DIR, else $XDG_CACHE_HOME/thresher."""
+    if os.environ.get("THRESHER_CACHE_DIR"):
+        return Path(os.environ["THRESHER_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "thresher"

@@ -1,0 +1,122 @@
+"""`data=shapes`: a deterministic synthetic dataset that needs no download.
+
+Coloured circles, squares and triangles on noisy backgrounds, one shape an image, in an
+ImageFolder layout (`<class>/<name>.png`) with COCO-style `annotations.json` holding each shape's
+class, box and corner keypoints. Generated once per parameter set into the cache folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ("circle", "square", "triangle")
+KEYPOINTS = 4  # circles: top, right, bottom, left; squares: 4 corners; triangles: 3 + 1 unused
+VERSION = 1
+
+
+def shapes_dir(cache_dir: Path, n_images: int, image_size: int, n_corrupt: int) -> Path:
+    return Path(cache_dir) / f"shapes-v{VERSION}-n{n_images}-s{image_size}-c{n_corrupt}"
+
+
+def ensure_shapes(cache_dir: Path, n_images: int, image_size: int, n_corrupt: int = 0) -> Path:
+    """The dataset folder, generated first if it is not in the cache yet."""
+    target = shapes_dir(cache_dir, n_images, image_size, n_corrupt)
+    if (target / "annotations.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    generate_shapes(staging, n_images, image_size, n_corrupt)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process finished first: theirs is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _shape_geometry(rng: np.random.Generator, kind: str, size: int):
+    """Polygon (or circle box) and keypoints for one shape that lies fully inside the image."""
+    extent = rng.uniform(0.25, 0.5) * size
+    half = extent / 2
+    cx, cy = rng.uniform(half + 1, size - half - 1, size=2)
+    if kind == "circle":
+        box = (cx - half, cy - half, cx + half, cy + half)
+        keypoints = [(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)]
+        return None, box, [(x, y, 2) for x, y in keypoints]
+    angle = rng.uniform(0, 2 * math.pi)
+    corners = 4 if kind == "square" else 3
+    radius = half  # circumradius, so the shape stays inside the square of side `extent`
+    points = [(cx + radius * math.cos(angle + 2 * math.pi * i / corners),
+               cy + radius * math.sin(angle + 2 * math.pi * i / corners)) for i in range(corners)]
+    xs, ys = zip(*points)
+    box = (min(xs), min(ys), max(xs), max(ys))
+    keypoints = [(x, y, 2) for x, y in points] + [(0.0, 0.0, 0)] * (KEYPOINTS - corners)
+    return points, box, keypoints
+
+
+def _draw_image(rng: np.random.Generator, kind: str, size: int) -> Tuple[Image.Image, tuple, list]:
+    background = rng.integers(0, 256, size=3)
+    noise = rng.normal(0, 18, size=(size, size, 3))
+    pixels = np.clip(background + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    colour = tuple(int(c) for c in (background + rng.integers(90, 166, size=3)) % 256)
+    polygon, box, keypoints = _shape_geometry(rng, kind, size)
+    draw = ImageDraw.Draw(image)
+    if polygon is None:
+        draw.ellipse(box, fill=colour)
+    else:
+        draw.polygon(polygon, fill=colour)
+    return image, box, keypoints
+
+
+def generate_shapes(root: Path, n_images: int, image_size: int, n_corrupt: int = 0) -> None:
+    """Write `n_images` images (the last `n_corrupt` of them deliberately truncated files)."""
+    rng = np.random.default_rng(20240601 + n_images * 7 + image_size)
+    for name in CLASSES:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    coco: Dict[str, List] = {
+        "images": [], "annotations": [],
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape",
+                        "keypoints": [f"corner_{k}" for k in range(KEYPOINTS)], "skeleton": []}
+                       for i, name in enumerate(CLASSES)],
+    }
+    n_good = n_images - n_corrupt
+    for index in range(n_images):
+        label = index % len(CLASSES)
+        kind = CLASSES[label]
+        image, box, keypoints = _draw_image(rng, kind, image_size)
+        if index >= n_good:
+            path = root / kind / f"corrupt_{index:05d}.png"
+            _write_truncated_png(image, path)
+            continue
+        file_name = f"{kind}/{kind}_{index:05d}.png"
+        image.save(root / file_name)
+        x0, y0, x1, y1 = box
+        coco["images"].append({"id": index, "file_name": file_name, "width": image_size,
+                               "height": image_size})
+        coco["annotations"].append({
+            "id": index, "image_id": index, "category_id": label + 1, "iscrowd": 0,
+            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+            "area": round((x1 - x0) * (y1 - y0), 2),
+            "keypoints": [round(v, 2) if i % 3 != 2 else v
+                          for kp in keypoints for i, v in enumerate(kp)],
+            "num_keypoints": sum(1 for kp in keypoints if kp[2] > 0),
+        })
+    (root / "annotations.json").write_text(json.dumps(coco))
+
+
+def _write_truncated_png(image: Image.Image, path: Path) -> None:
+    """A PNG cut off halfway: the header reads, the pixels do not (a typical corrupt upload)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path.write_bytes(data[: len(data) // 2])

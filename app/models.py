@@ -1,0 +1,88 @@
+"""torchvision classifiers by name, their weights (never downloaded) and their embedding heads."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torchvision
+from torch import nn
+
+from app.config import WEIGHTS_NAME_PATTERN, UserError
+
+log = logging.getLogger("thresher")
+
+
+def load_weights(weights: Optional[str]) -> Optional[dict]:
+    """A state dict from a file or a torchvision weights name found under TORCH_HOME; None for none.
+
+    Nothing is downloaded: a weights name whose file is missing fails, naming where to put it.
+    """
+    if not weights:
+        return None
+    if WEIGHTS_NAME_PATTERN.match(weights) and not Path(weights).is_file():
+        try:
+            enum_value = torchvision.models.get_weight(weights)
+        except (ValueError, KeyError, AttributeError):
+            raise UserError(f"model.weights={weights!r} is not a torchvision weights name "
+                            f"(e.g. ResNet18_Weights.IMAGENET1K_V1)") from None
+        file_name = Path(enum_value.url).name
+        path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        if not path.is_file():
+            raise UserError(f"model.weights={weights!r}: {path} does not exist and thresher never "
+                            f"downloads; fetch {enum_value.url} and put it there (TORCH_HOME sets the folder)")
+    else:
+        path = Path(weights)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"model.weights={str(path)!r} could not be read as a PyTorch state dict: "
+                        f"{type(error).__name__}: {error}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a thresher checkpoint
+    if not isinstance(state, dict):
+        raise UserError(f"model.weights={str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _head_name(model: nn.Module) -> str:
+    for name in ("fc", "classifier", "head"):
+        if hasattr(model, name):
+            return name
+    raise UserError(f"cannot find the classification head of {type(model).__name__}")
+
+
+def build_classifier(name: str, num_classes: int, weights: Optional[str]) -> nn.Module:
+    """A torchvision classifier with `num_classes` outputs; given weights load into every layer
+    whose shape fits (the head is left new when the class count differs)."""
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    state = load_weights(weights)
+    if state is None:
+        log.warning("model %s is RANDOMLY INITIALISED (model.weights=null): embeddings and training "
+                    "start from scratch", name)
+        return model
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    skipped = len(own) - len(fitting)
+    log.info("model %s: loaded %d tensors from %s (%d left as initialised)", name, len(fitting),
+             weights, skipped)
+    if not fitting:
+        raise UserError(f"model.weights={weights!r} has no tensor that fits {name}: is it for another model?")
+    return model
+
+
+def build_backbone(name: str, weights: Optional[str]) -> Tuple[nn.Module, int]:
+    """The classifier without its last linear layer: image -> embedding vector."""
+    model = build_classifier(name, num_classes=1000, weights=weights)
+    head_name = _head_name(model)
+    head = getattr(model, head_name)
+    if isinstance(head, nn.Sequential):
+        last = max(i for i, layer in enumerate(head) if isinstance(layer, nn.Linear))
+        dim = head[last].in_features
+        head[last] = nn.Identity()
+    else:
+        dim = head.in_features
+        setattr(model, head_name, nn.Identity())
+    return model, dim

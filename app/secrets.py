@@ -1,0 +1,120 @@
+"""Secrets: read from the environment (or a *_FILE, the Docker secrets convention), kept out of
+every log, saved config, report and error message by redacting their values wherever text leaves
+the process."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import List, Optional, Sequence, Set
+
+from app.config import UserError
+
+REDACTED = "***"
+# Config key -> environment variable that carries it.
+SECRET_VARIABLES = {"token": "THRESHER_TOKEN"}
+_OVERRIDE = re.compile(r"^\+{0,2}(?P<key>[A-Za-z_][\w.]*)=(?P<value>.*)$", re.DOTALL)
+
+_secret_values: Set[str] = set()
+
+
+def register_secret(value: Optional[str]) -> None:
+    """Remember a secret value so that `redact` hides it from then on."""
+    if value:
+        _secret_values.add(value)
+        stripped = value.strip()
+        if stripped:
+            _secret_values.add(stripped)
+
+
+def redact(text: str) -> str:
+    for value in sorted(_secret_values, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def take_secret_overrides(argv: Sequence[str]) -> List[str]:
+    """Remove `token=...` style overrides from argv before Hydra sees them.
+
+    Hydra would write them to overrides.yaml, hydra.yaml and its error banner; instead the value
+    travels as the secret's environment variable, the one channel the rest of the code reads.
+    """
+    kept = []
+    for arg in argv:
+        match = _OVERRIDE.match(arg)
+        if match and match["key"] in SECRET_VARIABLES:
+            value = match["value"]
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            register_secret(value)
+            os.environ[SECRET_VARIABLES[match["key"]]] = value
+            continue
+        kept.append(arg)
+    return kept
+
+
+def read_secret(variable: str) -> Optional[str]:
+    """The value of VARIABLE, else the contents of the file named by VARIABLE_FILE, else None."""
+    value = os.environ.get(variable)
+    if value:
+        register_secret(value)
+        return value
+    file_name = os.environ.get(f"{variable}_FILE")
+    if file_name:
+        path = Path(file_name)
+        if not path.is_file():
+            raise UserError(f"{variable}_FILE={file_name!r} is not a readable file: "
+                            f"point it at the file holding the secret (e.g. /run/secrets/...)")
+        value = path.read_text().strip()
+        register_secret(value)
+        return value or None
+    return None
+
+
+def register_environment_secrets() -> None:
+    """Register every known secret present in the environment, so nothing prints it."""
+    for variable in SECRET_VARIABLES.values():
+        try:
+            read_secret(variable)
+        except UserError:
+            pass  # reported later, when the secret is actually read
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message (and traceback) with secret values replaced."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _secret_values:
+            record.msg = redact(record.getMessage())
+            record.args = None
+            if record.exc_info:
+                record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+                record.exc_info = None
+        return True
+
+
+class RedactingStream:
+    """A stdout/stderr stand-in that redacts secrets from everything written through it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._stream.write(redact(text) if _secret_values and isinstance(text, str) else text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def install_redaction() -> None:
+    """Wrap stdout/stderr and every current root-logger handler."""
+    import sys
+
+    if not isinstance(sys.stdout, RedactingStream):
+        sys.stdout = RedactingStream(sys.stdout)
+    if not isinstance(sys.stderr, RedactingStream):
+        sys.stderr = RedactingStream(sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
