@@ -127,7 +127,10 @@ def explain_compose_error(error: Exception, overrides: List[str]) -> str:
     match = re.search(r"Could not override '([^']+)'", str(error))
     if match or "No match in the defaults list" in str(error):
         key = match[1] if match else _key_in_message(str(error))
-        return f"'{key}': no such key or group{did_you_mean(key, known_keys(overrides))}"
+        value = _override_value(key, overrides)
+        shown = f"{key}={value}" if value is not None else f"'{key}'"
+        kind = "key" if "." in key else "key or group"
+        return f"{shown}: no such {kind}{did_you_mean(key, known_keys(overrides))}"
     return message
 
 

@@ -153,8 +153,27 @@ def register_resolvers() -> None:
 # ---------------------------------------------------------------------------------------------
 # Checks that the schema cannot express
 # ---------------------------------------------------------------------------------------------
-def closest(word: str, candidates: Iterable[str], n: int = 3) -> List[str]:
-    return difflib.get_close_matches(str(word), list(candidates), n=n, cutoff=0.5)
+def closest(word: str, candidates: Iterable[str]) -> List[str]:
+    """The nearest candidates, ignoring case; a dotted key is compared with its siblings by last
+    part, so `trainer.batch_sise` finds `trainer.batch_size` and not every `trainer.*`."""
+    word = str(word)
+    unique = list(dict.fromkeys(str(c) for c in candidates))
+    if "." in word:
+        parent, leaf = word.rsplit(".", 1)
+        siblings = {c.rsplit(".", 1)[1]: c for c in unique
+                    if c.startswith(parent + ".") and "." not in c[len(parent) + 1:]}
+        if siblings:
+            return [siblings[n] for n in _nearest(leaf, list(siblings))]
+    return _nearest(word, unique)
+
+
+def _nearest(word: str, candidates: List[str]) -> List[str]:
+    """Candidates at least 60% alike, and nearly as alike as the best one, best first."""
+    scored = sorted(((difflib.SequenceMatcher(None, word.lower(), c.lower()).ratio(), c)
+                     for c in candidates), key=lambda pair: -pair[0])
+    if not scored or scored[0][0] < 0.6:
+        return []
+    return [c for score, c in scored[:3] if score >= max(0.6, scored[0][0] - 0.08)]
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
@@ -185,8 +204,27 @@ def n_samples_kind(value: Any) -> str:
                   "use a count (an integer >= 1), a fraction in (0, 1], or -1 for off")
 
 
+def unknown_keys(node: DictConfig, prefix: str = "") -> List[tuple]:
+    """Keys that no schema declares (added with `+key=`): (full key, the keys allowed there)."""
+    import dataclasses
+
+    schema = OmegaConf.get_type(node)
+    allowed = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    found = []
+    for key in node:
+        full = f"{prefix}{key}"
+        if allowed is not None and key not in allowed:
+            found.append((full, [f"{prefix}{a}" for a in allowed]))
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            found += unknown_keys(child, f"{full}.")
+    return found
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuse values out of range with one line naming the key, the value and what is allowed."""
+    for key, allowed in unknown_keys(cfg):
+        raise UserError(f"{key}: no such key{did_you_mean(key, allowed)}")
     stages = list(cfg.stages)
     for stage in stages:
         if stage not in STAGES:
