@@ -183,6 +183,8 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
         take_secrets(cfg)
         validate(cfg)
         summary = run.acquire(cfg.overwrite, cfg.resume)
+        # resume=true, or a rerun in the directory of an interrupted or failed run
+        resuming = bool(summary.data) and not cfg.overwrite
         save_configs(cfg, run_dir, hydra_cfg)
         check_stage_inputs(cfg, run_dir)
         install_signal_handlers()
@@ -201,7 +203,7 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
 
             summary.data["sanity_check"] = sanity_check(cfg, run_dir, device)
         else:
-            run_stages(cfg, run_dir, device, summary)
+            run_stages(cfg, run_dir, device, summary, resuming)
         summary.data.update(status="finished", finished_at=utc_now(),
                             duration_s=round(time.perf_counter() - started, 3))
         summary.save()
@@ -227,13 +229,17 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
         run.release()
 
 
-def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary) -> None:
+def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, resuming: bool) -> None:
     rerun_from_here = False
     for stage in STAGES:
         if stage not in cfg.stages:
             continue
-        if cfg.resume and not rerun_from_here and summary.stage_finished(stage):
-            log.info("stage %s: finished in an earlier run, skipped (resume=true)", stage)
+        if stage == "embed" and cfg.sampler.method == "none":
+            log.info("stage embed: skipped, sampler=none needs no embeddings")
+            summary.data["stages"][stage] = {"status": "skipped"}
+            continue
+        if resuming and not rerun_from_here and summary.stage_finished(stage):
+            log.info("stage %s: finished in an earlier run, skipped", stage)
             continue
         rerun_from_here = True  # a stage that runs again makes the later ones' artifacts stale
         module_name, function_name = STAGE_FUNCTIONS[stage]
@@ -241,6 +247,7 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary) ->
         log.info("stage %s: started", stage)
         summary.data["stages"][stage] = {"status": "running", "started_at": utc_now()}
         summary.save()
+        seed_everything(cfg.seed)  # each stage alike whether it runs fresh or after a resume
         began = time.perf_counter()
         result = stage_function(cfg, run_dir, device)
         duration = round(time.perf_counter() - began, 3)
@@ -250,6 +257,17 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary) ->
             {key: value for key, value in details.items() if key.startswith("n_")})
         summary.save()
         log.info("stage %s: finished in %.1fs %s", stage, duration, _as_dict(result))
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _record_failure(summary: Optional[Summary], status: str, message: str) -> None:

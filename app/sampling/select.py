@@ -39,7 +39,8 @@ def target_count(n_samples, n_candidates: int) -> int:
     if kind == "off":
         return n_candidates
     if kind == "fraction":
-        return max(1, int(round(n_samples * n_candidates)))
+        # floor, as a fraction of a budget should not round up; the epsilon absorbs 0.29 * 100 = 28.999...
+        return max(1, int(n_samples * n_candidates + 1e-9))
     if n_samples > n_candidates:
         log.warning("sampler.stopping_condition.n_samples=%d but only %d images are left: selecting all",
                     n_samples, n_candidates)

@@ -100,11 +100,12 @@ def train_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> TrainRe
     val_loader = make_loader(val_set, trainer.batch_size, workers, pin_memory=pin)
 
     history: List[Dict] = []
-    epoch = 0
+    completed = 0
     try:
         for epoch in range(1, trainer.epochs + 1):
             record = train_one_epoch(model, optimizer, loss_function, train_loader, device,
                                      f"train {epoch}/{trainer.epochs}", len(train_set))
+            completed = epoch
             record["epoch"] = epoch
             record["val_accuracy"] = evaluate(model, val_loader, device) if len(val_set) else None
             history.append(record)
@@ -116,7 +117,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> TrainRe
             write_metrics(run_dir, history, len(train_set), len(val_set), classes)
     except BaseException:
         # SIGTERM mid-epoch: keep the weights as they are, marked with the last complete epoch.
-        save_checkpoint(run_dir, model, optimizer, epoch - 1, cfg, classes)
+        save_checkpoint(run_dir, model, optimizer, completed, cfg, classes, partial_epoch=True)
         raise
     last = history[-1]
     return TrainResult(n_train=len(train_set), n_val=len(val_set), epochs=trainer.epochs,
@@ -168,8 +169,11 @@ def evaluate(model, loader, device) -> float:
     return correct / max(seen, 1)
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, epoch: int, cfg: DictConfig, classes: List[str]) -> None:
+def save_checkpoint(run_dir: Path, model, optimizer, epoch: int, cfg: DictConfig, classes: List[str],
+                    partial_epoch: bool = False) -> None:
+    """`epoch` counts complete epochs; `partial_epoch` marks weights saved partway through the next."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "partial_epoch": partial_epoch,
              "model_name": cfg.model.name, "classes": classes, "image_size": cfg.data.image_size,
              "config": OmegaConf.to_container(cfg, resolve=False)}
     with atomic.atomic_path(run_dir / LAST_CHECKPOINT) as tmp:

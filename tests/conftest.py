@@ -1,0 +1,46 @@
+"""Shared fixtures: every test gets its own work dir; generated data goes to one session cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small and fast: the pipeline's behaviour, not its accuracy, is under test.
+SMALL = ["data.n_images=45", "data.shapes_image_size=48", "data.image_size=32", "trainer.epochs=1",
+         "hardware=cpu"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def env(tmp_path, cache_dir) -> dict:
+    values = {k: v for k, v in os.environ.items() if not k.startswith("THRESHER_")}
+    values.update(THRESHER_CACHE_DIR=str(cache_dir), THRESHER_WORK_DIR=str(tmp_path / "runs"),
+                  PYTHONUNBUFFERED="1")
+    values.pop("HYDRA_FULL_ERROR", None)
+    return values
+
+
+def thresher(args: List[str], env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real command line, as a user would, in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "app", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def only_run_dir(work_dir: Path) -> Path:
+    runs = [p for p in work_dir.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]

@@ -1,0 +1,168 @@
+"""Composition and refusals: every bad override exits 2 with one line, before torch is imported."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from app import cli
+from app.config import register_configs, register_resolvers, validate
+from conftest import ROOT, thresher
+
+
+@pytest.fixture(autouse=True)
+def _registered():
+    register_configs()
+    register_resolvers()
+
+
+def compose(*overrides):
+    return cli.compose(list(overrides))
+
+
+def test_default_config_composes_every_group():
+    cfg = compose()
+    assert cfg.model.name == "resnet18"
+    assert cfg.data.name == "shapes"
+    assert cfg.sampler.method == "coreset"
+    assert cfg.hardware.device == "auto"
+    assert list(cfg.stages) == ["scan", "embed", "select", "train"]
+    validate(cfg)
+
+
+@pytest.mark.parametrize("group", cli.GROUPS)
+def test_every_option_of_every_group_composes_and_validates(group, tmp_path):
+    for option in cli.group_options(group):
+        extra = [f"data.input_dir={tmp_path}"] if (group, option) == ("data", "folder") else []
+        cfg = compose(f"{group}={option}", *extra)
+        validate(cfg)
+
+
+def test_config_yaml_lists_the_groups_the_issue_names():
+    assert {"resnet18"} < set(cli.group_options("model"))
+    assert {"shapes", "folder"} <= set(cli.group_options("data"))
+    assert {"coreset", "random", "none"} <= set(cli.group_options("sampler"))
+    assert {"auto", "cpu", "gpu"} <= set(cli.group_options("hardware"))
+    top = set(OmegaConf.to_container(compose()))
+    assert {"work_dir", "note", "run_directory", "seed", "token", "stages", "sanity_check"} <= top
+
+
+def test_n_samples_keeps_counts_and_fractions_apart():
+    assert compose("sampler.stopping_condition.n_samples=20").sampler.stopping_condition.n_samples == 20
+    assert isinstance(compose("sampler.stopping_condition.n_samples=20").sampler.stopping_condition.n_samples, int)
+    assert compose("sampler.stopping_condition.n_samples=0.25").sampler.stopping_condition.n_samples == 0.25
+
+
+REFUSALS = [
+    # (overrides, words the one line must contain)
+    (["sampler.stopping_condition.n_sample=3"], ["sampler.stopping_condition.n_sample=3", "no such key",
+                                                 "did you mean sampler.stopping_condition.n_samples?"]),
+    (["sampler.stopping_condition.n_samples=-3"], ["n_samples=-3", "fraction in (0, 1]", "-1 for off"]),
+    (["sampler.stopping_condition.n_samples=0"], ["n_samples=0", "integer >= 1"]),
+    (["sampler.stopping_condition.n_samples=1.5"], ["n_samples=1.5", "fraction in (0, 1]"]),
+    (["sampler.stopping_condition.n_samples=many"], ["n_samples='many'", "-1 for off"]),
+    (["sampler.stopping_condition.min_distance=-2"], ["min_distance=-2.0", ">= 0, or -1 for off"]),
+    (["sampler=random", "sampler.stopping_condition.min_distance=0.1"], ["min_distance=0.1", "coreset only"]),
+    (["trainer.batch_size=0"], ["trainer.batch_size=0", "integer >= 1"]),
+    (["sampler.batch_size=0"], ["sampler.batch_size=0", "integer >= 1"]),
+    (["trainer.epochs=abc"], ["trainer.epochs='abc'", "expected an integer"]),
+    (["trainer.epochs=0"], ["trainer.epochs=0", "integer >= 1"]),
+    (["trainer.lr=0"], ["trainer.lr=0.0", "> 0"]),
+    (["trainer.val_fraction=1.0"], ["trainer.val_fraction=1.0", "[0, 1)"]),
+    (["trainer.optimizer=adamw"], ["trainer.optimizer='adamw'", "did you mean AdamW?"]),
+    (["trainer.batch_sise=4"], ["trainer.batch_sise=4", "did you mean trainer.batch_size?"]),
+    (["+trainer.momentum=0.9"], ["trainer.momentum", "no such key"]),
+    (["hardware.device=gpu0"], ["hardware.device='gpu0'", "auto, cpu, cuda, cuda:N or mps"]),
+    (["hardware.num_workers=-5"], ["hardware.num_workers=-5"]),
+    (["sampler=coreste"], ["sampler=coreste", "coreset, none, random", "did you mean coreset?"]),
+    (["sampelr=coreset"], ["sampelr=coreset", "did you mean sampler?"]),
+    (["model=resnet19"], ["model=resnet19", "did you mean resnet18?"]),
+    (["model.name=resnet19"], ["model.name='resnet19'", "did you mean resnet18"]),
+    (["model.weights=/no/such/weights.pt"], ["model.weights='/no/such/weights.pt'", "state-dict file"]),
+    (["data=folder", "data.input_dir=/no/such/folder"], ["data.input_dir='/no/such/folder'", "existing folder"]),
+    (["data.n_images=2"], ["data.n_images=2", ">= 3"]),
+    (["stages=[scan,trian]"], ["stages='trian'", "did you mean train?"]),
+    (["stages=[]"], ["stages=[]", "at least one"]),
+    (["trainer.epochs=[1"], ["could not parse the override"]),
+    (["overwrite=true", "resume=true"], ["not both"]),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", REFUSALS, ids=[" ".join(o) for o, _ in REFUSALS])
+def test_bad_override_exits_2_with_one_clear_line(overrides, expected, env, tmp_path):
+    result = thresher(overrides, env, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("thresher: error: ")
+    for words in expected:
+        assert words in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "runs").exists(), "a refused run must not create its run directory"
+
+
+def test_hydra_full_error_shows_the_traceback(env, tmp_path):
+    result = thresher(["sampler.stopping_condition.n_sample=3"], {**env, "HYDRA_FULL_ERROR": "1"}, tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_checking_a_config_imports_no_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from app import cli\n"
+        "for args in (['trainer.batch_size=0'], ['sampler=random']):\n"
+        "    try:\n"
+        "        cli.main(args + ['--cfg', 'job'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('no torch')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "no torch" in result.stdout
+
+
+def test_cfg_job_prints_the_composed_config(env, tmp_path):
+    result = thresher(["--cfg", "job", "sampler=random"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.sampler.method == "random"
+    assert printed.model.name == "resnet18"
+
+
+def test_run_directory_is_utc_stamp_and_note(env, tmp_path):
+    from app.config import run_directory_path, run_stamp
+
+    assert run_directory_path("w", "coreset 20%", None) == f"w/{run_stamp()}_coreset_20"
+    assert run_directory_path("w", "", None) == f"w/{run_stamp()}"
+    assert run_directory_path("w", "x", "fixed") == "w/fixed"
+    assert run_directory_path("w", "x", "/abs/run") == "/abs/run"
+    assert time.strftime("%Y-%m-%d", time.gmtime()) in run_stamp()
+
+
+def test_conf_is_found_from_an_installed_wheel(tmp_path):
+    """conf/ must ship inside the wheel as app/conf, where find_conf_dir looks when installed."""
+    import zipfile
+
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    wheel = next(tmp_path.glob("thresher-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "app/conf/config.yaml" in names
+    for group in cli.GROUPS:
+        for option in cli.group_options(group):
+            assert f"app/conf/{group}/{option}.yaml" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    located = subprocess.run([sys.executable, "-c", "from app.cli import CONF_DIR; print(CONF_DIR)"],
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+                             capture_output=True, text=True)
+    assert located.returncode == 0, located.stderr
+    assert located.stdout.strip() == str(site / "app" / "conf")

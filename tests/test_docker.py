@@ -1,0 +1,320 @@
+"""The Docker image and the compose file, exercised for real: build, run, stop, compose.
+
+Needs a Docker engine. Under CI=true a missing engine fails these tests; elsewhere they skip.
+The image is built once a session from this checkout (tag $THRESHER_IMAGE, thresher:latest by
+default): from $THRESHER_BASE_IMAGE (or a local thresher-base:bookworm) when there is one, and
+offline (PIP_NO_INDEX=1) when wheelhouse/ holds wheels; see .ci/run and scripts/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = os.environ.get("THRESHER_IMAGE", "thresher:latest")
+LOCAL_BASE_IMAGE = "thresher-base:bookworm"
+CLASSES = ("red", "green", "blue")
+IMAGES_PER_CLASS = 12
+QUICK_RUN = ["data=folder", "sampler=random", "sampler.stopping_condition.n_samples=20",
+             "trainer.epochs=1"]
+RUN_TIMEOUT_S = 900
+STOP_TIMEOUT_S = 30
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip, except under CI, where a Docker test that cannot run is a failure."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: the Docker tests must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def docker(*args: str, timeout: float = RUN_TIMEOUT_S, env: Optional[Dict[str, str]] = None,
+           check: bool = False) -> subprocess.CompletedProcess:
+    """Run the docker CLI, capturing stdout and stderr as bytes."""
+    process = subprocess.run(["docker", *args], capture_output=True, timeout=timeout, env=env)
+    if check and process.returncode != 0:
+        pytest.fail(f"docker {' '.join(args[:2])} ... exited {process.returncode}:\n"
+                    f"{tail(process.stdout + process.stderr)}", pytrace=False)
+    return process
+
+
+def tail(output: bytes, lines: int = 60) -> str:
+    return "\n".join(output.decode(errors="replace").splitlines()[-lines:])
+
+
+def image_exists(name: str) -> bool:
+    return docker("image", "inspect", name, timeout=60).returncode == 0
+
+
+def remove_container(name: str) -> None:
+    subprocess.run(["docker", "rm", "--force", name], capture_output=True, timeout=120)
+
+
+def container_name() -> str:
+    return f"thresher-test-{uuid.uuid4().hex[:12]}"
+
+
+def user_args() -> List[str]:
+    """Run as the host user, so the test can read and delete what the container writes; as root,
+    keep the image's own non-root user (the output folders are world-writable)."""
+    return [] if os.getuid() == 0 else ["--user", f"{os.getuid()}:{os.getgid()}"]
+
+
+def mounts(input_dir: Path, output_dir: Path) -> List[str]:
+    return ["--volume", f"{input_dir}:/data/input:ro", "--volume", f"{output_dir}:/data/output"]
+
+
+def run_directories(output_dir: Path) -> List[Path]:
+    return sorted(summary.parent for summary in output_dir.rglob("summary.json"))
+
+
+def the_run_directory(output_dir: Path) -> Path:
+    found = run_directories(output_dir)
+    assert len(found) == 1, f"expected one run directory under {output_dir}, found {found}"
+    return found[0]
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def lines_of(path: Path) -> List[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def files_containing(root: Path, needle: bytes) -> List[Path]:
+    return [path for path in root.rglob("*") if path.is_file() and needle in path.read_bytes()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    if shutil.which("docker") is None:
+        unavailable("no docker CLI on PATH")
+    try:
+        info = docker("info", "--format", "{{.ServerVersion}}", timeout=60)
+    except subprocess.TimeoutExpired:
+        unavailable("`docker info` did not answer within 60 s")
+    if info.returncode != 0:
+        unavailable(f"no Docker engine reachable: {tail(info.stderr, 3)}")
+
+
+@pytest.fixture(scope="session")
+def image(docker_engine) -> str:
+    """This checkout's image, built (or found up to date in the layer cache) once a session."""
+    command = ["build", "--tag", IMAGE]
+    base_image = os.environ.get("THRESHER_BASE_IMAGE") or (
+        LOCAL_BASE_IMAGE if image_exists(LOCAL_BASE_IMAGE) else None)
+    if base_image:
+        command += ["--build-arg", f"BASE_IMAGE={base_image}"]
+    if any((ROOT / "wheelhouse").glob("*.whl")):
+        command += ["--build-arg", "PIP_NO_INDEX=1"]
+    docker(*command, str(ROOT), timeout=3600, check=True)
+    return IMAGE
+
+
+@pytest.fixture(scope="session")
+def input_dir(tmp_path_factory) -> Path:
+    """A few dozen small PNGs in one sub-folder per class, the layout data=folder reads."""
+    from PIL import Image, ImageDraw
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("input")
+    rng = np.random.default_rng(0)
+    for class_index, class_name in enumerate(CLASSES):
+        (root / class_name).mkdir()
+        for index in range(IMAGES_PER_CLASS):
+            pixels = rng.integers(0, 80, size=(32, 32, 3), dtype=np.uint8)
+            picture = Image.fromarray(pixels)
+            colour = [40, 40, 40]
+            colour[class_index] = 255
+            x, y = rng.integers(2, 14, size=2)
+            ImageDraw.Draw(picture).ellipse([x, y, x + 16, y + 16], fill=tuple(colour))
+            picture.save(root / class_name / f"{class_name}_{index:02d}.png")
+    root.chmod(0o755)
+    return root
+
+
+@pytest.fixture
+def output_dir(tmp_path) -> Path:
+    """An empty folder the container's user, whoever that is, can write."""
+    output = tmp_path / "output"
+    output.mkdir()
+    output.chmod(0o777)
+    return output
+
+
+@pytest.fixture(scope="session")
+def docker_compose(docker_engine) -> List[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if docker("compose", "version", timeout=60).returncode == 0:
+        return ["docker", "compose"]
+    unavailable("neither docker-compose nor `docker compose` is installed")
+
+
+# ---------------------------------------------------------------------------------------------
+# docker run
+# ---------------------------------------------------------------------------------------------
+def test_run_writes_a_finished_run_to_the_output_mount_and_never_the_token(image, input_dir, output_dir):
+    token = f"tok-{secrets.token_hex(16)}"
+    name = container_name()
+    try:
+        process = docker("run", "--rm", "--name", name, *user_args(), *mounts(input_dir, output_dir),
+                         "--env", f"THRESHER_TOKEN={token}", image, *QUICK_RUN)
+    finally:
+        remove_container(name)
+    assert process.returncode == 0, tail(process.stdout + process.stderr)
+
+    run_dir = the_run_directory(output_dir)
+    assert read_summary(run_dir)["status"] == "finished"
+    assert len(lines_of(run_dir / "filenames" / "sampled_filenames.txt")) == 20
+    for artifact in ("data/embeddings.csv", "checkpoints/last.pt", "metrics.json", ".hydra/config.yaml"):
+        assert (run_dir / artifact).is_file(), f"{artifact} missing from {run_dir}"
+
+    assert token.encode() not in process.stdout
+    assert token.encode() not in process.stderr
+    assert files_containing(output_dir, token.encode()) == []
+
+
+def test_docker_stop_interrupts_a_run_cleanly_with_exit_143(image, input_dir, output_dir):
+    name = container_name()
+    try:
+        docker("run", "--detach", "--name", name, *user_args(), *mounts(input_dir, output_dir),
+               image, *QUICK_RUN[:-1], "trainer.epochs=500", timeout=120, check=True)
+        wait_for_stage_to_run(name, output_dir, "train")
+
+        began = time.monotonic()
+        docker("stop", "--time", str(STOP_TIMEOUT_S), name, timeout=STOP_TIMEOUT_S + 60, check=True)
+        stopped_after = time.monotonic() - began
+        state = json.loads(docker("inspect", "--format", "{{json .State}}", name, check=True).stdout)
+        logs = docker("logs", name)
+    finally:
+        remove_container(name)
+
+    assert state["ExitCode"] == 143, f"exit code {state['ExitCode']}:\n{tail(logs.stdout + logs.stderr)}"
+    assert stopped_after < STOP_TIMEOUT_S, f"took {stopped_after:.1f}s: SIGTERM was not handled"
+    summary = read_summary(the_run_directory(output_dir))
+    assert summary["status"] == "interrupted"
+    assert summary["stages"]["train"]["status"] == "interrupted"
+
+
+def wait_for_stage_to_run(name: str, output_dir: Path, stage: str, timeout_s: float = 600) -> None:
+    """Poll the run's summary.json until `stage` is running; fail if the container ends first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for run_dir in run_directories(output_dir):
+            try:
+                stages = read_summary(run_dir).get("stages", {})
+            except (OSError, json.JSONDecodeError):
+                continue
+            if stages.get(stage, {}).get("status") == "running":
+                return
+        running = docker("inspect", "--format", "{{.State.Running}}", name, timeout=60)
+        if running.stdout.strip() != b"true":
+            logs = docker("logs", name)
+            pytest.fail(f"the container ended before stage {stage} ran:\n"
+                        f"{tail(logs.stdout + logs.stderr)}", pytrace=False)
+        time.sleep(0.2)
+    pytest.fail(f"stage {stage} did not start within {timeout_s}s", pytrace=False)
+
+
+def test_a_misspelled_override_exits_2_with_one_line_on_stderr(image):
+    name = container_name()
+    try:
+        process = docker("run", "--rm", "--name", name, image, "sampler.stopping_condition.n_sample=3",
+                         timeout=300)
+    finally:
+        remove_container(name)
+    stderr_lines = process.stderr.decode().strip().splitlines()
+    assert process.returncode == 2, tail(process.stdout + process.stderr)
+    assert len(stderr_lines) == 1, process.stderr.decode()
+    assert "n_sample" in stderr_lines[0]
+    assert "Traceback" not in process.stdout.decode() + process.stderr.decode()
+
+
+def test_image_runs_as_a_non_root_user_with_the_data_folders_configured(image):
+    config = json.loads(docker("image", "inspect", "--format", "{{json .Config}}", image, check=True).stdout)
+    assert config["User"] not in ("", "0", "root", "0:0")
+    assert config["Entrypoint"] == ["thresher"]
+    environment = dict(item.split("=", 1) for item in config["Env"])
+    assert environment["THRESHER_INPUT_DIR"] == "/data/input"
+    assert environment["THRESHER_WORK_DIR"] == "/data/output"
+    assert environment["PYTHONUNBUFFERED"] == "1"
+    for label in ("title", "description", "source", "licenses"):
+        assert config["Labels"].get(f"org.opencontainers.image.{label}")
+
+
+# ---------------------------------------------------------------------------------------------
+# docker-compose
+# ---------------------------------------------------------------------------------------------
+def compose_environment(input_dir: Path, output_dir: Path, **extra: str) -> Dict[str, str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("THRESHER_")}
+    environment.update(THRESHER_IMAGE=IMAGE, THRESHER_INPUT=str(input_dir),
+                       THRESHER_OUTPUT=str(output_dir), **extra)
+    return environment
+
+
+def compose(docker_compose: List[str], project: str, *args: str, env: Dict[str, str],
+            timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([*docker_compose, "--project-directory", str(ROOT), "--file",
+                           str(ROOT / "docker-compose.yml"), "--project-name", project, *args],
+                          capture_output=True, timeout=timeout, env=env)
+
+
+def test_compose_file_is_accepted_and_reserves_gpus_only_in_the_gpu_profile(docker_compose, tmp_path):
+    import yaml
+
+    env = compose_environment(tmp_path, tmp_path)
+    config = compose(docker_compose, "thresher-config", "--profile", "gpu", "config", env=env, timeout=120)
+    assert config.returncode == 0, tail(config.stdout + config.stderr)
+    services = yaml.safe_load(config.stdout)["services"]
+
+    reserving_gpus = {name for name, service in services.items()
+                      if service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")}
+    assert reserving_gpus == {"select-train-gpu"}
+    assert services["select-train-gpu"]["profiles"] == ["gpu"]
+    for name in ("select", "select-train"):
+        assert "profiles" not in services[name], f"{name} must run on a plain, CPU-only host"
+        assert services[name]["init"] is True
+        assert any(volume.endswith(":/data/input:ro") or (isinstance(volume, dict) and volume.get("read_only"))
+                   for volume in services[name]["volumes"]), services[name]["volumes"]
+
+
+def test_compose_select_service_selects_without_training_under_any_uid(
+        docker_compose, image, input_dir, output_dir):
+    token = f"tok-{secrets.token_hex(16)}"
+    project = f"thresher-test-{uuid.uuid4().hex[:8]}"
+    env = compose_environment(input_dir, output_dir, THRESHER_TOKEN=token, THRESHER_USER="4242:4242")
+    try:
+        process = compose(docker_compose, project, "run", "--rm", "-T", "select",
+                          "sampler.stopping_condition.n_samples=20", env=env)
+    finally:
+        compose(docker_compose, project, "down", "--remove-orphans", env=env, timeout=120)
+    assert process.returncode == 0, tail(process.stdout + process.stderr)
+
+    run_dir = the_run_directory(output_dir)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "finished"
+    assert summary["stages_requested"] == ["scan", "embed", "select"]
+    assert len(lines_of(run_dir / "filenames" / "sampled_filenames.txt")) == 20
+    assert not (run_dir / "checkpoints").exists()
+    assert token.encode() not in process.stdout + process.stderr
+    assert files_containing(output_dir, token.encode()) == []

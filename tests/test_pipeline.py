@@ -1,0 +1,179 @@
+"""The whole run on the CPU: artifacts, summary, resume, refusals of busy or finished run dirs."""
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import SMALL, only_run_dir, summary_of, thresher
+
+
+def read_csv(path: Path):
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def test_full_cpu_run_writes_every_artifact(env, tmp_path):
+    result = thresher([*SMALL, "note=smoke", "sampler.stopping_condition.n_samples=20"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert run_dir.name.endswith("_smoke")
+
+    summary = summary_of(run_dir)
+    assert summary["status"] == "finished"
+    assert [s for s in summary["stages"]] == ["scan", "embed", "select", "train"]
+    for stage in summary["stages"].values():
+        assert stage["status"] == "finished" and stage["duration_s"] >= 0
+    assert summary["counts"]["n_images"] == 45
+    assert summary["counts"]["n_selected"] == 20
+
+    rows = read_csv(run_dir / "data/embeddings.csv")
+    header, body = rows[0], rows[1:]
+    assert header[0] == "filenames" and header[-1] == "labels"
+    assert header[1:-1] == [f"embedding_{i}" for i in range(512)]
+    assert len(body) == 45
+    assert {row[-1] for row in body} == {"0", "1", "2"}
+
+    sampled = (run_dir / "filenames/sampled_filenames.txt").read_text().split()
+    removed = (run_dir / "filenames/removed_filenames.txt").read_text().split()
+    assert len(sampled) == 20 and len(removed) == 25 and not set(sampled) & set(removed)
+
+    checkpoint = torch.load(run_dir / "checkpoints/last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["classes"] == ["circle", "square", "triangle"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_train"] + metrics["n_val"] == 20
+    assert len(metrics["epochs"]) == 1 and metrics["final"]["images_per_s"] > 0
+
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        assert (run_dir / ".hydra" / name).is_file()
+    assert (run_dir / "thresher.log").read_text().count("stage train: finished") == 1
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(env, tmp_path):
+    result = thresher([*SMALL, "stages=[scan,embed]"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "embed: 45/45 img (100%)" in result.stdout
+    assert "img/s" in result.stdout
+    assert "\r" not in result.stdout + result.stderr
+
+
+def test_corrupt_images_are_listed_with_a_reason_and_skipped(env, tmp_path):
+    result = thresher([*SMALL, "data.n_corrupt=3", "sampler=none"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    corrupt = (run_dir / "filenames/corrupt_filenames.txt").read_text().splitlines()
+    assert len(corrupt) == 3
+    for line in corrupt:
+        name, reason = line.split("\t")
+        assert "corrupt_" in name and "truncated" in reason
+    assert summary_of(run_dir)["counts"]["n_images"] == 42
+    assert summary_of(run_dir)["stages"]["embed"]["status"] == "skipped"
+    assert len((run_dir / "filenames/sampled_filenames.txt").read_text().split()) == 42
+
+
+def test_select_only_then_train_in_the_same_run_directory(env, tmp_path):
+    first = thresher([*SMALL, "sampler=random", "stages=[scan,embed,select]", "run_directory=job"],
+                     env, tmp_path)
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "runs" / "job"
+    assert not (run_dir / "checkpoints").exists()
+
+    refused = thresher([*SMALL, "sampler=random", "stages=[train]", "run_directory=job"], env, tmp_path)
+    assert refused.returncode == 2
+    assert "holds a finished run" in refused.stderr and "resume=true" in refused.stderr
+
+    second = thresher([*SMALL, "sampler=random", "stages=[train]", "run_directory=job", "resume=true"],
+                      env, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert (run_dir / "checkpoints/last.pt").is_file()
+    assert summary_of(run_dir)["stages"]["train"]["n_train"] + summary_of(run_dir)["stages"]["train"]["n_val"] == 22
+
+
+def test_a_stage_without_its_input_is_refused_before_work(env, tmp_path):
+    result = thresher([*SMALL, "stages=[train]"], env, tmp_path)
+    assert result.returncode == 2
+    assert "needs data/input_files.csv from the scan stage" in result.stderr
+
+
+def test_resume_skips_finished_stages_and_overwrite_starts_again(env, tmp_path):
+    args = [*SMALL, "run_directory=again", "stages=[scan,embed,select]"]
+    assert thresher(args, env, tmp_path).returncode == 0
+    resumed = thresher([*args, "resume=true"], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stage embed: finished in an earlier run, skipped" in resumed.stdout
+    overwritten = thresher([*args, "overwrite=true"], env, tmp_path)
+    assert overwritten.returncode == 0, overwritten.stderr
+    assert "skipped" not in overwritten.stdout
+    assert summary_of(tmp_path / "runs/again")["status"] == "finished"
+
+
+def test_a_second_run_in_a_busy_run_directory_refuses(env, tmp_path):
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = thresher([*SMALL, "run_directory=busy"], env, tmp_path)
+    assert result.returncode == 2
+    assert "is in use by a running thresher" in result.stderr
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_same_seed_same_selection_for_both_samplers(env, tmp_path):
+    for method in ("random", "coreset"):
+        picks = []
+        for run in ("a", "b"):
+            result = thresher([*SMALL, f"sampler={method}", "stages=[scan,embed,select]",
+                               f"run_directory={method}_{run}"], env, tmp_path)
+            assert result.returncode == 0, result.stderr
+            picks.append((tmp_path / "runs" / f"{method}_{run}" / "filenames/sampled_filenames.txt").read_text())
+        assert picks[0] == picks[1]
+        assert len(picks[0].split()) == 22  # default n_samples=0.5 of 45, rounded down
+
+
+def test_sanity_check_reports_and_exits(env, tmp_path):
+    result = thresher([*SMALL, "sanity_check=true", "run_directory=sanity"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sanity check passed" in result.stdout
+    summary = summary_of(tmp_path / "runs/sanity")
+    assert summary["status"] == "finished"
+    assert set(summary["sanity_check"]) >= {"torch", "input", "output", "device"}
+    assert not (tmp_path / "runs/sanity/data").exists()
+
+
+def test_gpu_hardware_without_cuda_fails_clearly(env, tmp_path):
+    if torch.cuda.is_available():
+        return
+    result = thresher([*SMALL, "hardware=gpu"], env, tmp_path)
+    assert result.returncode == 2
+    assert "no CUDA device is visible" in result.stderr and "hardware=cpu" in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes(env, tmp_path):
+    args = [*SMALL, "trainer.epochs=200", "run_directory=stopped", "sampler=none"]
+    process = subprocess.Popen([sys.executable, "-m", "app", *args], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp_path / "runs/stopped/checkpoints/last.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not checkpoint.is_file():
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 143, output
+    run_dir = tmp_path / "runs/stopped"
+    summary = summary_of(run_dir)
+    assert summary["status"] == "interrupted"
+    assert summary["stages"]["train"]["status"] == "interrupted"
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["epoch"] >= 1 and saved["partial_epoch"] is True
+
+    rerun = thresher([*SMALL, "run_directory=stopped", "sampler=none"], env, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "stage scan: finished in an earlier run, skipped" in rerun.stdout
+    assert summary_of(run_dir)["status"] == "finished"
