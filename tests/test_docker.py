@@ -236,6 +236,23 @@ def wait_for_stage_to_run(name: str, output_dir: Path, stage: str, timeout_s: fl
     pytest.fail(f"stage {stage} did not start within {timeout_s}s", pytrace=False)
 
 
+def test_outputs_written_under_another_uid_are_readable_on_the_host(image, input_dir, output_dir):
+    """The container's UID is rarely the host user's: results must not be private to it."""
+    name = container_name()
+    try:
+        process = docker("run", "--rm", "--name", name, "--user", "4242:4242",
+                         *mounts(input_dir, output_dir), image, *QUICK_RUN[:-1],
+                         "stages=[scan,embed,select]")
+    finally:
+        remove_container(name)
+    assert process.returncode == 0, tail(process.stdout + process.stderr)
+
+    run_dir = the_run_directory(output_dir)
+    private = sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*")
+                     if path.is_file() and not path.stat().st_mode & 0o004)
+    assert private == [], f"not readable by other users: {private}"
+
+
 def test_a_misspelled_override_exits_2_with_one_line_on_stderr(image):
     name = container_name()
     try:
