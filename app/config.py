@@ -146,8 +146,6 @@ def run_directory_path(work_dir: str, note: Optional[str], run_directory: Option
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("thresher_run_dir"):
         OmegaConf.register_new_resolver("thresher_run_dir", run_directory_path)
-    if not OmegaConf.has_resolver("thresher_stamp"):
-        OmegaConf.register_new_resolver("thresher_stamp", run_stamp)
 
 
 # ---------------------------------------------------------------------------------------------

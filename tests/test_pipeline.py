@@ -177,3 +177,13 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes(env, tmp_pat
     assert rerun.returncode == 0, rerun.stderr
     assert "stage scan: finished in an earlier run, skipped" in rerun.stdout
     assert summary_of(run_dir)["status"] == "finished"
+
+
+def test_hydra_multirun_gives_each_job_its_own_run_directory(env, tmp_path):
+    result = thresher(["-m", "sampler=random,none", "stages=[scan,embed,select]", "note=sweep", *SMALL],
+                      env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweep = only_run_dir(tmp_path / "runs/multirun")
+    assert sweep.name.endswith("_sweep")
+    methods = [summary_of(sweep / job)["stages"]["select"]["method"] for job in ("0", "1")]
+    assert methods == ["random", "none"]
