@@ -279,8 +279,21 @@ def validate(cfg: DictConfig) -> None:
                       "such as ResNet18_Weights.IMAGENET1K_V1")
 
     _validate_data(cfg.data, needs_input="scan" in stages or cfg.sanity_check)
+    _validate_work_dir(cfg.work_dir)
     if cfg.overwrite and cfg.resume:
         raise _refuse("resume", True, "choose overwrite=true or resume=true, not both")
+
+
+def _validate_work_dir(work_dir: str) -> None:
+    """Run directories are made under work_dir: its nearest existing folder must be writable."""
+    path = Path(work_dir).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise _refuse("work_dir", str(work_dir), "it must be a folder (or creatable inside one)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _refuse("work_dir", str(work_dir),
+                      f"{existing} is not writable by uid {os.getuid()}: choose another work_dir, or in "
+                      f"Docker run with --user \"$(id -u):$(id -g)\" and a writable /data/output mount")
 
 
 def _validate_data(data: DictConfig, needs_input: bool) -> None:

@@ -166,3 +166,19 @@ def test_conf_is_found_from_an_installed_wheel(tmp_path):
                              capture_output=True, text=True)
     assert located.returncode == 0, located.stderr
     assert located.stdout.strip() == str(site / "app" / "conf")
+
+
+def test_work_dir_under_a_file_is_refused(env, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    result = thresher([f"work_dir={tmp_path}/a_file/runs"], env, tmp_path)
+    assert result.returncode == 2
+    assert "work_dir=" in result.stderr and "must be a folder" in result.stderr
+
+
+def test_unwritable_work_dir_is_refused_with_the_docker_hint(tmp_path, monkeypatch):
+    from app.config import UserError
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    cfg = compose(f"work_dir={tmp_path}/runs")
+    with pytest.raises(UserError, match="not writable by uid .*--user"):
+        validate(cfg)
