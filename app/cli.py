@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from app.config import UserError, did_you_mean, register_configs, register_resolvers, validate
+from app.config import (UserError, did_you_mean, register_configs, register_resolvers, run_directory_path,
+                         validate)
 from app.secrets import install_redaction, redact, register_environment_secrets, take_secret_overrides
 
 
@@ -80,6 +81,11 @@ def preflight(args: List[str]) -> None:
         return  # Hydra answers these itself; each job of a sweep checks its own config
     cfg = compose(parsed.overrides)
     validate(cfg)
+    if cfg.run_directory and not parsed.cfg:  # refuse before Hydra touches the old run's folder
+        from app.run import SUMMARY, Summary, refuse_finished_run
+
+        run_dir = Path(run_directory_path(cfg.work_dir, cfg.note, cfg.run_directory))
+        refuse_finished_run(Summary.load(run_dir / SUMMARY), cfg.overwrite, cfg.resume)
 
 
 def compose(overrides: List[str]) -> DictConfig:

@@ -89,6 +89,14 @@ class Summary:
         atomic.write_text(self.path, redact(json.dumps(self.data, indent=2) + "\n"))
 
 
+def refuse_finished_run(summary: Summary, overwrite: bool, resume: bool) -> None:
+    """A finished run is not silently added to or replaced: the user says which."""
+    if summary.status == "finished" and not (overwrite or resume):
+        raise UserError(f"run_directory={str(summary.path.parent)!r} holds a finished run: pass resume=true "
+                        f"to reuse its finished stages, overwrite=true to start it again, or choose "
+                        f"another run_directory")
+
+
 class RunDirectory:
     """Owns a run directory for the life of the run: refuses a busy or finished one."""
 
@@ -112,10 +120,7 @@ class RunDirectory:
         self._lock_file.flush()
 
         summary = Summary.load(self.path / SUMMARY)
-        if summary.status == "finished" and not (overwrite or resume):
-            raise UserError(f"run_directory={str(self.path)!r} holds a finished run: pass resume=true to "
-                            f"reuse its finished stages, overwrite=true to start it again, or choose "
-                            f"another run_directory")
+        refuse_finished_run(summary, overwrite, resume)
         if overwrite and summary.data:
             self._clear()
             summary = Summary(self.path / SUMMARY)

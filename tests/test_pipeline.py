@@ -85,9 +85,11 @@ def test_select_only_then_train_in_the_same_run_directory(env, tmp_path):
     run_dir = tmp_path / "runs" / "job"
     assert not (run_dir / "checkpoints").exists()
 
+    finished = (run_dir / "summary.json").read_bytes()
     refused = thresher([*SMALL, "sampler=random", "stages=[train]", "run_directory=job"], env, tmp_path)
     assert refused.returncode == 2
     assert "holds a finished run" in refused.stderr and "resume=true" in refused.stderr
+    assert (run_dir / "summary.json").read_bytes() == finished, "a refusal leaves the finished run as it was"
 
     second = thresher([*SMALL, "sampler=random", "stages=[train]", "run_directory=job", "resume=true"],
                       env, tmp_path)
