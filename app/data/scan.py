@@ -7,7 +7,6 @@ A corrupt file is reported and skipped, never the end of the run.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -112,21 +111,13 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     bad = {name for name, _ in corrupt}
     good = [(f, label) for f, label in zip(files, labels) if f not in bad]
 
-    write_input_files(run_dir / INPUT_FILES, good)
+    atomic.write_csv(run_dir / INPUT_FILES, ["filenames", "labels"], good)
     atomic.write_json(run_dir / DATASET, {"input_dir": str(input_dir), "classes": classes})
     atomic.write_lines(run_dir / CORRUPT_FILES, (f"{name}\t{reason}" for name, reason in corrupt))
     log.info("scan: %d images in %s, %d usable, %d corrupt, %d classes", len(files), input_dir,
              len(good), len(corrupt), len(classes))
     return ScanResult(n_files=len(files), n_images=len(good), n_corrupt=len(corrupt),
                       n_classes=len(classes), input_dir=str(input_dir))
-
-
-def write_input_files(path: Path, rows: List[Tuple[str, int]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["filenames", "labels"])
-    writer.writerows(rows)
-    atomic.write_text(path, buffer.getvalue())
 
 
 def read_input_files(path: Path) -> Tuple[List[str], List[int]]:

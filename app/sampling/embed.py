@@ -68,15 +68,10 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
 
 def write_embeddings_csv(path: Path, files: List[str], embeddings: np.ndarray, labels: List[int]) -> None:
     """The lightly format: header `filenames,embedding_0,...,embedding_{D-1},labels`."""
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["filenames", *(f"embedding_{i}" for i in range(embeddings.shape[1])), "labels"])
-    for name, vector, label in zip(files, embeddings, labels):
-        writer.writerow([name, *(f"{v:.7g}" for v in vector.tolist()), label])
-    atomic.write_text(path, buffer.getvalue())
+    header = ["filenames", *(f"embedding_{i}" for i in range(embeddings.shape[1])), "labels"]
+    rows = ([name, *(f"{v:.7g}" for v in vector.tolist()), label]
+            for name, vector, label in zip(files, embeddings, labels))
+    atomic.write_csv(path, header, rows)
 
 
 def read_embeddings_csv(path: Path) -> Tuple[List[str], np.ndarray, List[int]]:

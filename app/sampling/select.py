@@ -84,12 +84,6 @@ def select_random(n_candidates: int, count: int, seed: int) -> List[int]:
 
 
 def write_selection_csv(path: Path, picked_files: List[str], distances: Optional[List[float]]) -> None:
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["filenames", "pick", "distance"])
-    for order, name in enumerate(picked_files):
-        writer.writerow([name, order, "" if distances is None else f"{distances[order]:.6g}"])
-    atomic.write_text(path, buffer.getvalue())
+    rows = ([name, order, "" if distances is None else f"{distances[order]:.6g}"]
+            for order, name in enumerate(picked_files))
+    atomic.write_csv(path, ["filenames", "pick", "distance"], rows)
