@@ -51,7 +51,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise
         fail(str(error))
     sys.argv = [sys.argv[0], *args]
-    hydra_entry()
+    try:
+        hydra_entry()
+    except BrokenPipeError:  # `thresher --help | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
