@@ -11,8 +11,8 @@
 # included (scripts/make-wheelhouse.sh fills it); online it may be empty.
 ARG BASE_IMAGE=python:3.11-slim
 
-# ---- build: a virtualenv with the dependencies, then thresher itself ---------------------------
-FROM ${BASE_IMAGE} AS build
+# ---- deps: a virtualenv with the dependencies only ----------------------------------------------
+FROM ${BASE_IMAGE} AS deps
 
 # PIP_NO_INDEX=1: install from wheelhouse/ only, no network at all.
 ARG PIP_NO_INDEX=0
@@ -24,31 +24,35 @@ ENV PIP_FIND_LINKS=/wheelhouse \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# Dependencies first, read from pyproject.toml, so that editing the code does not reinstall torch.
-# This stage is thrown away, so the wheels copied here never reach the final image.
+# Dependencies are read from pyproject.toml and installed before any code is copied, so editing
+# the code does not reinstall torch. These stages are thrown away: the wheels never reach the image.
 COPY wheelhouse/ /wheelhouse/
 COPY pyproject.toml /src/pyproject.toml
 RUN python -c 'import tomllib; print(*tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 
+# ---- build: thresher's own wheel ----------------------------------------------------------------
+FROM deps AS build
+ARG PIP_NO_INDEX=0
+
 # README.m[d]: pyproject.toml names README.md as the long description; the glob keeps the COPY
-# from failing where it is missing (setuptools then says so itself).
+# from failing where it is missing.
 COPY pyproject.toml README.m[d] /src/
 COPY conf/ /src/conf/
 COPY app/ /src/app/
-RUN pip install /src \
- && pip check \
- && python -c "import app"
+RUN pip wheel --no-deps --wheel-dir /dist /src
 
 # ---- runtime ------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
 
-ARG SOURCE_URL=https://github.com/thresher/thresher
+# The repository URL, for the source label: --build-arg SOURCE_URL=...
+ARG SOURCE_URL=""
 LABEL org.opencontainers.image.title="thresher" \
       org.opencontainers.image.description="Select the grain from the chaff (coreset or random), then train a torchvision model on it; Hydra-composed." \
       org.opencontainers.image.source="${SOURCE_URL}" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="0.1.0"
 
 # A fixed non-root user; the image also runs under any other UID (`--user "$(id -u):$(id -g)"`),
 # so everything written outside /data/output goes to world-writable /tmp.
@@ -57,7 +61,14 @@ RUN groupadd --gid 1000 thresher \
  && mkdir -p /data/input /data/output /tmp/thresher-cache \
  && chmod 1777 /data/output /tmp/thresher-cache
 
-COPY --from=build /opt/venv /opt/venv
+# The dependencies (GBs, cached until pyproject.toml changes), then the small thresher wheel.
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=build /dist/ /tmp/dist/
+RUN /opt/venv/bin/pip install --no-deps --no-index --no-cache-dir --disable-pip-version-check \
+        --root-user-action=ignore /tmp/dist/*.whl \
+ && /opt/venv/bin/pip check --disable-pip-version-check \
+ && /opt/venv/bin/python -c "import app.cli" \
+ && rm -rf /tmp/dist
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

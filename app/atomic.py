@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any, Iterator, Iterable
 
 
+# mkstemp makes files 0600; an artifact gets the mode any other new file would (0644 with the usual
+# umask), so a host user can read what a container running under another uid wrote.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it goes."""
@@ -19,6 +25,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

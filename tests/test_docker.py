@@ -26,8 +26,8 @@ IMAGE = os.environ.get("THRESHER_IMAGE", "thresher:latest")
 LOCAL_BASE_IMAGE = "thresher-base:bookworm"
 CLASSES = ("red", "green", "blue")
 IMAGES_PER_CLASS = 12
-QUICK_RUN = ["data=folder", "sampler=random", "sampler.stopping_condition.n_samples=20",
-             "trainer.epochs=1"]
+RANDOM_20 = ["data=folder", "sampler=random", "sampler.stopping_condition.n_samples=20"]
+QUICK_RUN = [*RANDOM_20, "trainer.epochs=1"]
 RUN_TIMEOUT_S = 900
 STOP_TIMEOUT_S = 30
 
@@ -198,19 +198,18 @@ def test_docker_stop_interrupts_a_run_cleanly_with_exit_143(image, input_dir, ou
     name = container_name()
     try:
         docker("run", "--detach", "--name", name, *user_args(), *mounts(input_dir, output_dir),
-               image, *QUICK_RUN[:-1], "trainer.epochs=500", timeout=120, check=True)
+               image, *RANDOM_20, "trainer.epochs=500", timeout=120, check=True)
         wait_for_stage_to_run(name, output_dir, "train")
 
-        began = time.monotonic()
+        # SIGTERM, then SIGKILL after STOP_TIMEOUT_S: exit 137 would mean SIGTERM was ignored.
         docker("stop", "--time", str(STOP_TIMEOUT_S), name, timeout=STOP_TIMEOUT_S + 60, check=True)
-        stopped_after = time.monotonic() - began
         state = json.loads(docker("inspect", "--format", "{{json .State}}", name, check=True).stdout)
         logs = docker("logs", name)
     finally:
         remove_container(name)
 
     assert state["ExitCode"] == 143, f"exit code {state['ExitCode']}:\n{tail(logs.stdout + logs.stderr)}"
-    assert stopped_after < STOP_TIMEOUT_S, f"took {stopped_after:.1f}s: SIGTERM was not handled"
+    assert not state["OOMKilled"]
     summary = read_summary(the_run_directory(output_dir))
     assert summary["status"] == "interrupted"
     assert summary["stages"]["train"]["status"] == "interrupted"
@@ -241,7 +240,7 @@ def test_outputs_written_under_another_uid_are_readable_on_the_host(image, input
     name = container_name()
     try:
         process = docker("run", "--rm", "--name", name, "--user", "4242:4242",
-                         *mounts(input_dir, output_dir), image, *QUICK_RUN[:-1],
+                         *mounts(input_dir, output_dir), image, *RANDOM_20,
                          "stages=[scan,embed,select]")
     finally:
         remove_container(name)
@@ -275,7 +274,7 @@ def test_image_runs_as_a_non_root_user_with_the_data_folders_configured(image):
     assert environment["THRESHER_INPUT_DIR"] == "/data/input"
     assert environment["THRESHER_WORK_DIR"] == "/data/output"
     assert environment["PYTHONUNBUFFERED"] == "1"
-    for label in ("title", "description", "source", "licenses"):
+    for label in ("title", "description", "licenses", "version"):
         assert config["Labels"].get(f"org.opencontainers.image.{label}")
 
 
@@ -311,8 +310,15 @@ def test_compose_file_is_accepted_and_reserves_gpus_only_in_the_gpu_profile(dock
     for name in ("select", "select-train"):
         assert "profiles" not in services[name], f"{name} must run on a plain, CPU-only host"
         assert services[name]["init"] is True
-        assert any(volume.endswith(":/data/input:ro") or (isinstance(volume, dict) and volume.get("read_only"))
-                   for volume in services[name]["volumes"]), services[name]["volumes"]
+        assert any(mounts_input_read_only(volume) for volume in services[name]["volumes"]), \
+            services[name]["volumes"]
+
+
+def mounts_input_read_only(volume) -> bool:
+    """A volume of `docker-compose config` (v1: "src:dst:ro"; v2: a mapping)."""
+    if isinstance(volume, str):
+        return volume.endswith(":/data/input:ro")
+    return volume.get("target") == "/data/input" and volume.get("read_only") is True
 
 
 def test_compose_select_service_selects_without_training_under_any_uid(
