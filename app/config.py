@@ -58,6 +58,8 @@ class FolderDataConfig:
     name: str = "folder"
     input_dir: str = "/data/input"
     image_size: int = 64
+    # A file naming the images to use, one path per line relative to input_dir; no folder walk.
+    relevant_filenames_file: Optional[str] = None
 
 
 @dataclass
@@ -71,8 +73,23 @@ class StoppingCondition:
 class SamplerConfig:
     method: str = "coreset"
     stopping_condition: StoppingCondition = field(default_factory=StoppingCondition)
+    # Frames of one folder, in name order, are picked in runs of this length (1: single images).
+    selected_sequence_length: int = 1
     normalize_embeddings: bool = True
     batch_size: int = 64
+
+
+@dataclass
+class DatapoolConfig:
+    # A name keeps the selection in <work_dir>/datapool/<name>/ across runs; null: no pool.
+    name: Optional[str] = None
+    keep_history: bool = True
+
+
+@dataclass
+class ReportConfig:
+    n_example_images: int = 6
+    memory_requirement_in_GB: float = 2.0
 
 
 @dataclass
@@ -110,6 +127,17 @@ class ThresherConfig:
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     sanity_check: bool = False
     enable_corruptness_check: bool = True
+    remove_exact_duplicates: bool = True
+    # Bring your own: a lightly-format embeddings CSV (skips embedding), backbone weights.
+    embeddings: Optional[str] = None
+    checkpoint: Optional[str] = None
+    datapool: DatapoolConfig = field(default_factory=DatapoolConfig)
+    dump_dataset: bool = False
+    # -1: as they are; an int: the shorter edge; [h, w]: exactly that size.
+    output_image_size: Any = -1
+    output_image_format: str = "png"
+    dump_sampled_embeddings: bool = True
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def register_configs() -> None:
@@ -246,6 +274,11 @@ def validate(cfg: DictConfig) -> None:
                       f"it applies to sampler=coreset only, not sampler={sampler.method}; use -1")
     if sampler.batch_size < 1:
         raise _refuse("sampler.batch_size", sampler.batch_size, "use an integer >= 1")
+    if sampler.selected_sequence_length < 1:
+        raise _refuse("sampler.selected_sequence_length", sampler.selected_sequence_length,
+                      "use an integer >= 1 (1 selects single images)")
+    _validate_bring_your_own(cfg)
+    _validate_outputs(cfg)
 
     trainer = cfg.trainer
     if trainer.epochs < 1:
@@ -284,6 +317,45 @@ def validate(cfg: DictConfig) -> None:
         raise _refuse("resume", True, "choose overwrite=true or resume=true, not both")
 
 
+def _validate_bring_your_own(cfg: DictConfig) -> None:
+    for key in ("embeddings", "checkpoint"):
+        value = cfg[key]
+        if value and not Path(value).is_file():
+            raise _refuse(key, value, "it must be an existing file (in Docker, under a mounted folder)")
+    if cfg.embeddings and cfg.sampler.method == "none":
+        raise _refuse("embeddings", cfg.embeddings, "sampler=none uses no embeddings; choose coreset or random")
+    if cfg.datapool.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", str(cfg.datapool.name)):
+        raise _refuse("datapool.name", cfg.datapool.name, "use letters, digits, '.', '_' and '-'")
+    if cfg.report.n_example_images < 0:
+        raise _refuse("report.n_example_images", cfg.report.n_example_images, "use an integer >= 0")
+    if not cfg.report.memory_requirement_in_GB > 0:
+        raise _refuse("report.memory_requirement_in_GB", cfg.report.memory_requirement_in_GB,
+                      "use a size in GB > 0")
+
+
+OUTPUT_IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp", "bmp", "tiff")
+
+
+def output_image_size(value: Any) -> Optional[tuple]:
+    """None (keep), (shorter_edge,) or (height, width); raises for anything else."""
+    if _is_int(value) and value == -1:
+        return None
+    if _is_int(value) and value >= 1:
+        return (value,)
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        items = list(value)
+        if len(items) == 2 and all(_is_int(v) and v >= 1 for v in items):
+            return (items[0], items[1])
+    raise _refuse("output_image_size", value, "use -1 (as they are), an int for the shorter edge, or [h, w]")
+
+
+def _validate_outputs(cfg: DictConfig) -> None:
+    output_image_size(cfg.output_image_size)
+    if str(cfg.output_image_format).lower() not in OUTPUT_IMAGE_FORMATS:
+        raise _refuse("output_image_format", cfg.output_image_format,
+                      f"choose from {', '.join(OUTPUT_IMAGE_FORMATS)}", OUTPUT_IMAGE_FORMATS)
+
+
 def _validate_work_dir(work_dir: str) -> None:
     """Run directories are made under work_dir: its nearest existing folder must be writable."""
     path = Path(work_dir).absolute()
@@ -312,6 +384,10 @@ def _validate_data(data: DictConfig, needs_input: bool) -> None:
         if needs_input and not input_dir.is_dir():
             raise _refuse("data.input_dir", str(input_dir),
                           "it must be an existing folder of images (in Docker, mount it at /data/input)")
+        relevant = data.relevant_filenames_file
+        if needs_input and relevant and not Path(relevant).is_file():
+            raise _refuse("data.relevant_filenames_file", relevant,
+                          "it must be an existing text file, one image path per line relative to data.input_dir")
     else:
         raise _refuse("data.name", data.name, "choose shapes or folder", ["shapes", "folder"])
 

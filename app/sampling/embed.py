@@ -1,4 +1,5 @@
-"""Embed stage: the model's backbone turns every usable image into a vector.
+"""Embed stage: the model's backbone turns every usable image into a vector, or a user's own
+embeddings file (`embeddings=PATH`, lightly format) is checked and used instead.
 
 Writes `data/embeddings.csv` in the lightly format (filenames, embedding_0..D-1, labels).
 """
@@ -14,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from app import atomic
+from app.config import UserError
 from app.data.images import ImageFiles, image_transform, make_loader
 from app.data.scan import DATASET, INPUT_FILES, add_corrupt, read_input_files
 from app.device import loader_workers
@@ -37,8 +39,12 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
     import json
 
     files, labels = read_input_files(run_dir / INPUT_FILES)
+    if cfg.datapool.name:
+        files, labels = leave_out_datapool_members(cfg, files, labels)
+    if cfg.embeddings:
+        return use_given_embeddings(Path(cfg.embeddings), files, labels, run_dir)
     input_dir = Path(json.loads((run_dir / DATASET).read_text())["input_dir"])
-    model, dim = build_backbone(cfg.model.name, cfg.model.weights)
+    model, dim = build_backbone(cfg.model.name, cfg.checkpoint or cfg.model.weights)
     model.eval().to(device)
     dataset = ImageFiles(input_dir, files, labels, image_transform(cfg.data.image_size))
     loader = make_loader(dataset, cfg.sampler.batch_size, loader_workers(cfg.hardware.num_workers, device),
@@ -66,6 +72,40 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
     return EmbedResult(n_embedded=len(keep), embedding_dim=dim, images_per_s=round(rate, 2))
 
 
+def leave_out_datapool_members(cfg: DictConfig, files: List[str], labels: List[int]):
+    """Images already in the datapool are neither embedded again nor candidates again."""
+    from app.sampling.datapool import datapool_folder, load_datapool
+
+    members = load_datapool(datapool_folder(cfg.work_dir, cfg.datapool.name)).members
+    kept = [(f, label) for f, label in zip(files, labels) if f not in members]
+    if len(kept) < len(files):
+        log.info("datapool %s: %d images already in the pool are left out", cfg.datapool.name,
+                 len(files) - len(kept))
+    if not kept:
+        raise UserError(f"every usable image is already in datapool {cfg.datapool.name!r}: nothing new to select")
+    return [f for f, _ in kept], [label for _, label in kept]
+
+
+def use_given_embeddings(path: Path, files: List[str], labels: List[int], run_dir: Path) -> EmbedResult:
+    """Check a user's embeddings file and keep the rows of the images the scan found usable."""
+    given_files, vectors, _ = read_embeddings_csv(path, strict=True)
+    row_of = {name: i for i, name in enumerate(given_files)}
+    usable = [i for i, name in enumerate(files) if name in row_of]
+    unknown = len(given_files) - len(usable)
+    if unknown:
+        log.warning("embeddings=%s: %d rows name files that are not usable images here (corrupt, "
+                    "duplicate, or not in the input): left out", path, unknown)
+    if len(usable) < len(files):
+        log.warning("embeddings=%s has no row for %d usable images: they are left out of the selection",
+                    path, len(files) - len(usable))
+    if not usable:
+        raise UserError(f"embeddings={str(path)!r} names none of the {len(files)} usable images: are the "
+                        f"file names relative to the input folder?")
+    kept = vectors[[row_of[files[i]] for i in usable]]
+    write_embeddings_csv(run_dir / EMBEDDINGS, [files[i] for i in usable], kept, [labels[i] for i in usable])
+    return EmbedResult(n_embedded=len(usable), embedding_dim=int(vectors.shape[1]), images_per_s=0.0)
+
+
 def write_embeddings_csv(path: Path, files: List[str], embeddings: np.ndarray, labels: List[int]) -> None:
     """The lightly format: header `filenames,embedding_0,...,embedding_{D-1},labels`."""
     header = ["filenames", *(f"embedding_{i}" for i in range(embeddings.shape[1])), "labels"]
@@ -74,15 +114,49 @@ def write_embeddings_csv(path: Path, files: List[str], embeddings: np.ndarray, l
     atomic.write_csv(path, header, rows)
 
 
-def read_embeddings_csv(path: Path) -> Tuple[List[str], np.ndarray, List[int]]:
+def read_embeddings_csv(path: Path, strict: bool = False) -> Tuple[List[str], np.ndarray, List[int]]:
+    """Read the lightly format. `strict` (a file the user brought) checks every line and refuses a
+    malformed one with its line number and what is wrong."""
     import csv
+    import math
+
+    def refuse(line: int, reason: str) -> UserError:
+        return UserError(f"embeddings={str(path)!r} is malformed at line {line}: {reason}")
 
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
-        header = next(reader)
-        rows = list(reader)
-    dim = len(header) - 2
-    files = [row[0] for row in rows]
-    vectors = np.array([row[1:1 + dim] for row in rows], dtype=np.float32).reshape(len(rows), dim)
-    labels = [int(row[-1]) for row in rows]
+        header = next(reader, None)
+        if header is None:
+            raise refuse(1, "the file is empty; expected the header filenames,embedding_0,...,labels")
+        dim = len(header) - 2
+        if strict and (dim < 1 or header[0] != "filenames" or header[-1] != "labels"
+                       or header[1:-1] != [f"embedding_{i}" for i in range(dim)]):
+            raise refuse(1, f"the header must be filenames,embedding_0,...,embedding_{{D-1}},labels, "
+                            f"not {','.join(header[:3])}{',...' if len(header) > 3 else ''}")
+        files, rows, labels, seen = [], [], [], set()
+        for line, row in enumerate(reader, start=2):
+            if strict:
+                if len(row) != dim + 2:
+                    raise refuse(line, f"{len(row)} fields, the header has {dim + 2}")
+                if not row[0]:
+                    raise refuse(line, "the file name is empty")
+                if row[0] in seen:
+                    raise refuse(line, f"{row[0]!r} appears twice")
+                seen.add(row[0])
+                try:
+                    values = [float(v) for v in row[1:1 + dim]]
+                except ValueError as error:
+                    raise refuse(line, f"not a number: {error}") from None
+                if not all(math.isfinite(v) for v in values):
+                    raise refuse(line, "an embedding value is NaN or infinite")
+                try:
+                    int(row[-1])
+                except ValueError:
+                    raise refuse(line, f"the label {row[-1]!r} is not an integer") from None
+            files.append(row[0])
+            rows.append(row[1:1 + dim])
+            labels.append(int(row[-1]))
+    if strict and not files:
+        raise refuse(2, "the file has a header but no rows")
+    vectors = np.array(rows, dtype=np.float32).reshape(len(rows), dim)
     return files, vectors, labels

@@ -1,10 +1,13 @@
 """Select stage: choose the images to keep, by `sampler.method` and `sampler.stopping_condition`.
 
-Writes `filenames/sampled_filenames.txt` and `filenames/removed_filenames.txt` (input order) and
-`data/selection.csv` (pick order, with each pick's distance to the earlier picks for coreset).
+Writes `filenames/sampled_filenames.txt` and `filenames/removed_filenames.txt` (input order),
+`data/selection.csv` (pick order, with each pick's distance to the earlier picks for coreset),
+`data/selected_embeddings.csv`; with `dump_dataset`, the selected images under `sampled/`; with a
+`datapool.name`, the pool grows by the selection.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +17,15 @@ import numpy as np
 from omegaconf import DictConfig
 
 from app import atomic
-from app.config import n_samples_kind
-from app.data.scan import INPUT_FILES, read_input_files
+from app.config import n_samples_kind, output_image_size
+from app.data.scan import DATASET, INPUT_FILES, read_input_files
 
 log = logging.getLogger("thresher")
 
 SAMPLED = "filenames/sampled_filenames.txt"
 REMOVED = "filenames/removed_filenames.txt"
 SELECTION = "data/selection.csv"
+SELECTED_EMBEDDINGS = "data/selected_embeddings.csv"
 
 
 @dataclass
@@ -30,6 +34,8 @@ class SelectResult:
     n_candidates: int
     n_selected: int
     stopped_by: str
+    n_datapool: Optional[int] = None
+    n_dumped: Optional[int] = None
     artifacts: List[str] = field(default_factory=lambda: [SAMPLED, REMOVED, SELECTION])
 
 
@@ -49,33 +55,89 @@ def target_count(n_samples, n_candidates: int) -> int:
 
 def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     method = cfg.sampler.method
-    stop = cfg.sampler.stopping_condition
-    distances: Optional[List[float]] = None
     if method == "none":
-        files, _ = read_input_files(run_dir / INPUT_FILES)
-        picks, stopped_by = list(range(len(files))), "none"
+        files, labels = read_input_files(run_dir / INPUT_FILES)
+        embeddings = None
+        picks, distances, stopped_by = list(range(len(files))), None, "none"
     else:
         from app.sampling.embed import EMBEDDINGS, read_embeddings_csv
 
-        files, embeddings, _ = read_embeddings_csv(run_dir / EMBEDDINGS)
-        count = target_count(stop.n_samples, len(files))
-        if method == "random":
-            picks = select_random(len(files), count, cfg.seed)
-            stopped_by = "n_samples"
-        else:
-            from app.sampling.coreset import normalize_rows, select_coreset
+        files, embeddings, labels = read_embeddings_csv(run_dir / EMBEDDINGS)
+        pool = None
+        if cfg.datapool.name:
+            from app.sampling.datapool import check_dimension, datapool_folder, load_datapool
 
-            if cfg.sampler.normalize_embeddings:
-                embeddings = normalize_rows(embeddings)
-            chosen = select_coreset(embeddings, count, stop.min_distance, cfg.seed, device)
-            picks, distances, stopped_by = chosen.indices, chosen.distances, chosen.stopped_by
+            pool = load_datapool(datapool_folder(cfg.work_dir, cfg.datapool.name))
+            check_dimension(pool, embeddings.shape[1])
+        picks, distances, stopped_by = choose(cfg, files, embeddings, pool, device)
+    picks_set = set(picks)
+    sampled = [files[i] for i in sorted(picks_set)]
 
-    picked = set(picks)
-    atomic.write_lines(run_dir / SAMPLED, (files[i] for i in sorted(picked)))
-    atomic.write_lines(run_dir / REMOVED, (f for i, f in enumerate(files) if i not in picked))
+    atomic.write_lines(run_dir / SAMPLED, sampled)
+    atomic.write_lines(run_dir / REMOVED, (f for i, f in enumerate(files) if i not in picks_set))
     write_selection_csv(run_dir / SELECTION, [files[i] for i in picks], distances)
+    result = SelectResult(method=method, n_candidates=len(files), n_selected=len(picks), stopped_by=stopped_by)
+    if embeddings is not None and cfg.dump_sampled_embeddings:
+        from app.sampling.embed import write_embeddings_csv
+
+        order = sorted(picks_set)
+        write_embeddings_csv(run_dir / SELECTED_EMBEDDINGS, sampled, embeddings[order],
+                             [labels[i] for i in order])
+        result.artifacts.append(SELECTED_EMBEDDINGS)
+    if embeddings is not None and cfg.datapool.name:
+        from app.sampling.datapool import add_to_datapool, datapool_folder, load_datapool, locked
+
+        folder = datapool_folder(cfg.work_dir, cfg.datapool.name)
+        with locked(folder):
+            order = sorted(picks_set)
+            result.n_datapool = add_to_datapool(load_datapool(folder), sampled, embeddings[order],
+                                                [labels[i] for i in order], cfg.datapool.keep_history)
+    if cfg.dump_dataset:
+        from app.sampling.dump import SAMPLED_IMAGES, dump_images
+
+        input_dir = Path(json.loads((run_dir / DATASET).read_text())["input_dir"])
+        failures = dump_images(input_dir, sampled, run_dir / SAMPLED_IMAGES,
+                               output_image_size(cfg.output_image_size), cfg.output_image_format)
+        result.n_dumped = len(sampled) - len(failures)
+        result.artifacts.append(SAMPLED_IMAGES)
     log.info("select: %s kept %d of %d images (stopped by %s)", method, len(picks), len(files), stopped_by)
-    return SelectResult(method=method, n_candidates=len(files), n_selected=len(picks), stopped_by=stopped_by)
+    return result
+
+
+def choose(cfg: DictConfig, files: List[str], embeddings: np.ndarray, pool, device):
+    """(picks in pick order, their distances or None, what stopped the selection)."""
+    from app.sampling.coreset import normalize_rows, select_coreset
+
+    stop = cfg.sampler.stopping_condition
+    length = cfg.sampler.selected_sequence_length
+    if cfg.sampler.normalize_embeddings:
+        embeddings = normalize_rows(embeddings)
+    pool_vectors = None
+    if pool is not None and pool.embeddings is not None:
+        pool_vectors = normalize_rows(pool.embeddings) if cfg.sampler.normalize_embeddings else pool.embeddings
+    units = [[i] for i in range(len(embeddings))]
+    vectors = embeddings
+    if length > 1:
+        from app.sampling.sequences import frame_sequences, sequence_embeddings
+
+        units = frame_sequences(files, length)
+        vectors = sequence_embeddings(embeddings, units)
+        if cfg.sampler.normalize_embeddings:
+            vectors = normalize_rows(vectors)
+    count = target_count(stop.n_samples, len(embeddings))
+    n_units = len(units) if n_samples_kind(stop.n_samples) == "off" else -(-count // length)
+    if cfg.sampler.method == "random":
+        chosen_units = select_random(len(units), min(n_units, len(units)), cfg.seed)
+        distances, stopped_by = None, "n_samples"
+    else:
+        pool_argument = {} if pool_vectors is None else {"pool": pool_vectors}  # TODO(lead): drop once coreset has pool
+        chosen = select_coreset(vectors, min(n_units, len(units)), stop.min_distance, cfg.seed, device,
+                                **pool_argument)
+        chosen_units, distances, stopped_by = chosen.indices, chosen.distances, chosen.stopped_by
+    picks = [i for unit in chosen_units for i in units[unit]]
+    if distances is not None and length > 1:
+        distances = [d for unit, d in zip(chosen_units, distances) for _ in units[unit]]
+    return picks, distances, stopped_by
 
 
 def select_random(n_candidates: int, count: int, seed: int) -> List[int]:
