@@ -87,6 +87,17 @@ class DatapoolConfig:
 
 
 @dataclass
+class SSLConfig:
+    """Self-supervised training of the embedding backbone (enable_training=true)."""
+    method: str = "simclr"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.06
+    temperature: float = 0.5
+    projection_dim: int = 128
+
+
+@dataclass
 class ReportConfig:
     n_example_images: int = 6
     memory_requirement_in_GB: float = 2.0
@@ -131,6 +142,8 @@ class ThresherConfig:
     # Bring your own: a lightly-format embeddings CSV (skips embedding), backbone weights.
     embeddings: Optional[str] = None
     checkpoint: Optional[str] = None
+    enable_training: bool = False
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     datapool: DatapoolConfig = field(default_factory=DatapoolConfig)
     dump_dataset: bool = False
     # -1: as they are; an int: the shorter edge; [h, w]: exactly that size.
@@ -324,6 +337,21 @@ def _validate_bring_your_own(cfg: DictConfig) -> None:
             raise _refuse(key, value, "it must be an existing file (in Docker, under a mounted folder)")
     if cfg.embeddings and cfg.sampler.method == "none":
         raise _refuse("embeddings", cfg.embeddings, "sampler=none uses no embeddings; choose coreset or random")
+    if cfg.enable_training:
+        if cfg.embeddings:
+            raise _refuse("enable_training", True, "it trains the backbone that makes the embeddings, so it "
+                          "cannot be combined with embeddings=...; drop one of them")
+        if cfg.sampler.method == "none":
+            raise _refuse("enable_training", True, "sampler=none uses no embeddings; choose coreset or random")
+        ssl = cfg.ssl
+        if ssl.method != "simclr":
+            raise _refuse("ssl.method", ssl.method, "choose simclr", ["simclr"])
+        for key, minimum in (("epochs", 1), ("batch_size", 2), ("projection_dim", 1)):
+            if ssl[key] < minimum:
+                raise _refuse(f"ssl.{key}", ssl[key], f"use an integer >= {minimum}")
+        for key in ("lr", "temperature"):
+            if not ssl[key] > 0:
+                raise _refuse(f"ssl.{key}", ssl[key], "use a value > 0")
     if cfg.datapool.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", str(cfg.datapool.name)):
         raise _refuse("datapool.name", cfg.datapool.name, "use letters, digits, '.', '_' and '-'")
     if cfg.report.n_example_images < 0:

@@ -166,3 +166,26 @@ def test_datapool_selects_only_new_images_far_from_the_pool(env, tmp_path):
     pool = tmp_path / "runs/datapool/pool"
     assert len(lines(pool / "embeddings.csv")) == 1 + 8
     assert len(list((pool / "history").glob("*.csv"))) == 1
+
+
+def test_enable_training_trains_the_backbone_with_simclr_before_embedding(env, tmp_path):
+    import torch
+
+    images = make_folder(tmp_path / "images", per_class=6)
+    result = thresher([*FOLDER, f"data.input_dir={images}", "stages=[scan,embed]", "enable_training=true",
+                       "ssl.epochs=2", "ssl.batch_size=4"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    embed = summary_of(run_dir)["stages"]["embed"]
+    assert embed["ssl_epochs"] == 2 and len(embed["ssl_loss"]) == 2
+    assert all(loss > 0 for loss in embed["ssl_loss"])
+    trained = torch.load(run_dir / "checkpoints/ssl_backbone.pt", weights_only=True)
+    assert "layer1.0.conv1.weight" in trained and "fc.weight" not in trained
+    assert "ssl 2/2" in result.stdout
+
+
+def test_enable_training_with_given_embeddings_is_refused(env, tmp_path):
+    (tmp_path / "e.csv").write_text("filenames,embedding_0,labels\nx.png,0.1,0\n")
+    result = thresher([f"embeddings={tmp_path / 'e.csv'}", "enable_training=true"], env, tmp_path)
+    assert result.returncode == 2
+    assert "enable_training=True is not allowed" in result.stderr and "embeddings" in result.stderr

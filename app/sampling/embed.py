@@ -32,6 +32,8 @@ class EmbedResult:
     n_embedded: int
     embedding_dim: int
     images_per_s: float
+    ssl_epochs: int = 0
+    ssl_loss: List[float] = field(default_factory=list)
     artifacts: List[str] = field(default_factory=lambda: [EMBEDDINGS])
 
 
@@ -45,6 +47,11 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
         return use_given_embeddings(Path(cfg.embeddings), files, labels, run_dir)
     input_dir = Path(json.loads((run_dir / DATASET).read_text())["input_dir"])
     model, dim = build_backbone(cfg.model.name, cfg.checkpoint or cfg.model.weights)
+    ssl_details = {}
+    if cfg.enable_training:
+        from app.sampling.ssl import train_backbone_simclr
+
+        ssl_details = train_backbone_simclr(model, dim, cfg, input_dir, files, device, run_dir)
     model.eval().to(device)
     dataset = ImageFiles(input_dir, files, labels, image_transform(cfg.data.image_size))
     loader = make_loader(dataset, cfg.sampler.batch_size, loader_workers(cfg.hardware.num_workers, device),
@@ -69,7 +76,7 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
     keep = np.flatnonzero(embedded)
     write_embeddings_csv(run_dir / EMBEDDINGS, [files[i] for i in keep], embeddings[keep],
                          [labels[i] for i in keep])
-    return EmbedResult(n_embedded=len(keep), embedding_dim=dim, images_per_s=round(rate, 2))
+    return EmbedResult(n_embedded=len(keep), embedding_dim=dim, images_per_s=round(rate, 2), **ssl_details)
 
 
 def leave_out_datapool_members(cfg: DictConfig, files: List[str], labels: List[int]):
