@@ -1,0 +1,163 @@
+"""The report's plots, as PNG files written atomically.
+
+matplotlib is imported inside each function and drives a bare Agg canvas (no pyplot, no global
+backend switch), so importing this module costs nothing and works on a machine without a display.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from app import atomic
+from app.report.distances import DISTANCE_RANGE, HISTOGRAM_BINS, PairwiseHistogram
+
+log = logging.getLogger("thresher")
+
+COLOURS = {"input": "#7f7f7f", "selection": "#d62728", "random": "#1f77b4", "datapool": "#2ca02c",
+           "selection_to_datapool": "#9467bd"}
+LABELS = {"input": "all candidates", "selection": "selection", "random": "random subset (same size)",
+          "datapool": "datapool", "selection_to_datapool": "selection to datapool"}
+# A scatter draws at most this many removed and this many selected points (a seeded sample beyond).
+MAX_SCATTER_POINTS = 20000
+# The example-pairs figure draws at most this many rows; report.json and the HTML list them all.
+MAX_PAIRS_DRAWN = 24
+THUMBNAIL_PX = 160
+DPI = 100
+
+
+def _figure(width_in: float, height_in: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_png(figure, path: Path) -> None:
+    with atomic.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+
+
+def plot_pairwise_histogram(histogram: PairwiseHistogram, title: str, colour: str, path: Path) -> None:
+    """Counts of pairwise distances on a log scale, with the same bins for before and after."""
+    figure = _figure(7, 3.6)
+    axes = figure.add_subplot()
+    widths = np.diff(histogram.edges)
+    axes.bar(histogram.edges[:-1], histogram.counts, width=widths, align="edge", color=colour,
+             edgecolor="white", linewidth=0.4)
+    if histogram.counts.any():
+        axes.set_yscale("log")
+    axes.set_xlim(histogram.edges[0], histogram.edges[-1])
+    axes.set_xlabel("pairwise distance (L2-normalised embeddings)")
+    axes.set_ylabel("pairs (log scale)")
+    note = (f"{histogram.n_used:,} of {histogram.n_points:,} points, subsampled" if histogram.subsampled
+            else f"all {histogram.n_points:,} points")
+    axes.set_title(f"{title}: {histogram.n_pairs:,} pairs ({note})", fontsize=10)
+    axes.grid(alpha=0.3)
+    save_png(figure, path)
+
+
+def plot_nearest_neighbour_histograms(distances: Dict[str, np.ndarray], path: Path) -> None:
+    """One density histogram per set on shared bins, so sets of different sizes compare."""
+    figure = _figure(7, 3.8)
+    axes = figure.add_subplot()
+    finite = {name: d[np.isfinite(d)] for name, d in distances.items()}
+    present = [d for d in finite.values() if d.size]
+    top = max([float(d.max()) for d in present] + [1e-3])
+    bottom = min((float(d.min()) for d in present), default=0.0)
+    low = 0.0 if bottom < 0.25 * top else bottom * 0.98  # start at 0 unless that leaves most of it empty
+    edges = np.linspace(low, min(top * 1.02, DISTANCE_RANGE[1]), HISTOGRAM_BINS + 1)
+    for name, values in finite.items():
+        if values.size:
+            axes.hist(np.clip(values, edges[0], edges[-1]), bins=edges, density=True, histtype="step",
+                      linewidth=1.8, color=COLOURS.get(name), label=f"{LABELS.get(name, name)} (n={values.size})")
+    axes.set_xlabel("distance to the nearest neighbour within the set (L2-normalised embeddings)")
+    axes.set_ylabel("density")
+    axes.set_title("Nearest-neighbour distances: larger means more diverse", fontsize=10)
+    axes.grid(alpha=0.3)
+    if any(v.size for v in finite.values()):
+        axes.legend(fontsize=8)
+    save_png(figure, path)
+
+
+def plot_pca(projected: np.ndarray, selected: np.ndarray, rng: np.random.Generator, path: Path) -> None:
+    """All candidates in grey, the selection on top in colour, on the first two principal axes."""
+    figure = _figure(7, 6)
+    axes = figure.add_subplot()
+    size = 24.0 if len(projected) <= 2000 else 6.0
+    # removed first, so the selection is drawn on top
+    for label, mask, colour, scale in (("removed", ~selected, COLOURS["input"], 1.0),
+                                       ("selected", selected, COLOURS["selection"], 1.3)):
+        members = np.flatnonzero(mask)
+        drawn = members if len(members) <= MAX_SCATTER_POINTS else np.sort(
+            rng.choice(members, MAX_SCATTER_POINTS, replace=False))
+        note = f", {len(drawn)} drawn" if len(drawn) < len(members) else ""
+        axes.scatter(projected[drawn, 0], projected[drawn, 1], s=size * scale, c=colour,
+                     alpha=0.9 if scale > 1 else 0.5, linewidths=0, label=f"{label} ({len(members)}{note})",
+                     rasterized=True)
+    axes.set_xlabel("principal component 1")
+    axes.set_ylabel("principal component 2")
+    axes.set_title("Embeddings projected on their first two principal components", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    save_png(figure, path)
+
+
+def _thumbnail(path: Path) -> Optional[np.ndarray]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            return np.asarray(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        log.warning("report: no thumbnail for %s (%s)", path, error)
+        return None
+
+
+def _show(axes, image: Optional[np.ndarray], title: str) -> None:
+    if image is None:
+        axes.text(0.5, 0.5, "image not readable", ha="center", va="center", fontsize=9, color="#a00")
+    else:
+        axes.imshow(image)
+    axes.set_title(title, fontsize=8)
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def _short(name: str, limit: int = 34) -> str:
+    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+
+
+def plot_example_pairs(pairs: Sequence[dict], input_dir: Optional[Path], path: Path) -> None:
+    """Each removed image beside the selected image nearest to it, closest pairs first."""
+    pairs = list(pairs)[:MAX_PAIRS_DRAWN]
+    rows = max(len(pairs), 1)
+    figure = _figure(6, 2.4 * rows)
+    if not pairs:
+        axes = figure.add_subplot()
+        axes.axis("off")
+        axes.text(0.5, 0.5, "no removed images", ha="center", va="center")
+        save_png(figure, path)
+        return
+    grid = figure.subplots(rows, 2, squeeze=False)
+    readable = input_dir is not None and input_dir.is_dir()
+    if not readable:
+        log.warning("report: the input folder %s is not there: example pairs without thumbnails", input_dir)
+    thumbnails: Dict[str, Optional[np.ndarray]] = {}
+    for row, pair in enumerate(pairs):
+        for column, role in enumerate(("retained", "removed")):
+            name = pair[role]
+            if name not in thumbnails:
+                thumbnails[name] = _thumbnail(input_dir / name) if readable else None
+            _show(grid[row][column], thumbnails[name], f"{role}: {_short(name)}")
+        grid[row][1].text(-0.06, 0.5, f"d = {pair['distance']:.4f}", transform=grid[row][1].transAxes,
+                          ha="right", va="center", fontsize=9,
+                          bbox={"boxstyle": "round", "fc": "white", "ec": "#888"})
+    figure.suptitle("Removed images next to their nearest selected image", fontsize=10)
+    save_png(figure, path)

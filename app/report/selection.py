@@ -1,0 +1,188 @@
+"""The selection report: what the select stage kept and removed, and how diverse each set is.
+
+Reads the run directory's artifacts (embeddings, file lists, selection) and writes `report.json`,
+`report.html` and `plots/*.png`, all atomically, all offline. Distances are Euclidean between
+L2-normalised embeddings, whatever the sampler used, so reports of different runs compare.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from app import atomic
+from app.report.distances import (distance_stats, max_points_for_memory, nearest_neighbours, on_common_bins,
+                                  pairwise_histogram, pca_2d)
+
+log = logging.getLogger("thresher")
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+EMBEDDINGS = "data/embeddings.csv"
+DATASET = "data/dataset.json"
+SELECTION = "data/selection.csv"
+SAMPLED = "filenames/sampled_filenames.txt"
+REMOVED = "filenames/removed_filenames.txt"
+CORRUPT = "filenames/corrupt_filenames.txt"
+DUPLICATES = "filenames/duplicate_filenames.txt"
+
+PAIRWISE_INPUT_PNG = "plots/pairwise_distances_input.png"
+PAIRWISE_SELECTION_PNG = "plots/pairwise_distances_selection.png"
+NEAREST_PNG = "plots/nearest_neighbour_distances.png"
+PCA_PNG = "plots/pca_scatter.png"
+PAIRS_PNG = "plots/example_pairs.png"
+
+
+@dataclass
+class ReportResult:
+    n_candidates: int
+    n_selected: int
+    n_removed: int
+    n_corrupt: int
+    n_duplicates: int
+    pairwise_subsampled: bool
+    artifacts: List[str] = field(default_factory=list)
+
+
+def _lines(path: Path) -> List[str]:
+    return atomic.read_lines(path) if path.is_file() else []
+
+
+def _input_dir(run_dir: Path) -> Optional[Path]:
+    path = run_dir / DATASET
+    if not path.is_file():
+        return None
+    input_dir = json.loads(path.read_text(encoding="utf-8")).get("input_dir")
+    return Path(input_dir) if input_dir else None
+
+
+def _last_pick_distance(run_dir: Path) -> Optional[float]:
+    """The coreset's last pick distance: every removed image lies within it of a selected one."""
+    import csv
+
+    path = run_dir / SELECTION
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as handle:
+        values = [row["distance"] for row in csv.DictReader(handle) if row.get("distance")]
+    finite = [float(v) for v in values if np.isfinite(float(v))]
+    return round(finite[-1], 6) if finite else None
+
+
+def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in_GB: float = 2.0,
+                 seed: int = 0, pool_embeddings: Optional[np.ndarray] = None) -> ReportResult:
+    """Write report.json, report.html and plots/ for the selection in `run_dir`.
+
+    `pool_embeddings`: the datapool's embeddings (images selected in earlier runs), for its own
+    nearest-neighbour statistics and the selection's distance to it. `memory_requirement_in_GB`
+    bounds the pairwise-distance histograms, which use a seeded subsample beyond it.
+    """
+    run_dir = Path(run_dir)
+    sampled, removed = _lines(run_dir / SAMPLED), _lines(run_dir / REMOVED)
+    corrupt, duplicates = _lines(run_dir / CORRUPT), _lines(run_dir / DUPLICATES)
+    streams = np.random.SeedSequence(seed).spawn(4)
+    random_rng, input_rng, selection_rng, scatter_rng = (np.random.default_rng(s) for s in streams)
+
+    report: Dict = {"counts": {}, "distance": "euclidean between L2-normalised embeddings", "seed": seed}
+    notes: List[str] = []
+    captions: Dict[str, str] = {}
+    subsampled = False
+    n_candidates = len(sampled) + len(removed)
+
+    if not (run_dir / EMBEDDINGS).is_file():
+        notes.append(f"No {EMBEDDINGS} in this run: distances and plots need the embed stage.")
+    else:
+        from app.sampling.coreset import normalize_rows
+        from app.sampling.embed import read_embeddings_csv
+
+        files, embeddings, _ = read_embeddings_csv(run_dir / EMBEDDINGS)
+        points = normalize_rows(embeddings.astype(np.float32))
+        n_candidates = len(files)
+        position = {name: i for i, name in enumerate(files)}
+        unknown = [name for name in sampled if name not in position]
+        if unknown:
+            log.warning("report: %d selected files have no embedding (e.g. %s); left out of the distances",
+                        len(unknown), unknown[0])
+        selected = np.zeros(n_candidates, dtype=bool)
+        selected[[position[name] for name in sampled if name in position]] = True
+        chosen, left_out = np.flatnonzero(selected), np.flatnonzero(~selected)
+        report["embedding_dim"] = int(points.shape[1])
+
+        # Nearest neighbours, each within its own set; blockwise, so memory stays O(N·d).
+        nearest: Dict[str, np.ndarray] = {}
+        nearest["input"], _ = nearest_neighbours(points, points, exclude_self=True,
+                                                 progress="report: nearest neighbours")
+        nearest["selection"], _ = nearest_neighbours(points[chosen], points[chosen], exclude_self=True)
+        subset = np.sort(random_rng.permutation(n_candidates)[:len(chosen)])
+        nearest["random"], _ = nearest_neighbours(points[subset], points[subset], exclude_self=True)
+        if pool_embeddings is not None:
+            pool = np.asarray(pool_embeddings, dtype=np.float32)
+            if pool.ndim != 2 or pool.shape[1] != points.shape[1]:
+                raise ValueError(f"pool_embeddings has shape {pool.shape}, but the run's embeddings have "
+                                 f"dimension {points.shape[1]}: expected shape (n, {points.shape[1]})")
+            pool = normalize_rows(pool)
+            nearest["datapool"], _ = nearest_neighbours(pool, pool, exclude_self=True)
+            nearest["selection_to_datapool"], _ = nearest_neighbours(points[chosen], pool)
+        to_kept, kept_index = nearest_neighbours(points[left_out], points[chosen])
+        stats = {name: distance_stats(d) for name, d in nearest.items()}
+        stats["random"]["seed"] = seed
+        stats["removed_to_selection"] = distance_stats(to_kept)
+        report["nearest_neighbour_distances"] = stats
+        report["last_pick_distance"] = _last_pick_distance(run_dir)
+
+        order = np.argsort(to_kept, kind="stable")[:max(n_example_images, 0)]
+        pairs = [{"retained": files[chosen[kept_index[i]]], "removed": files[left_out[i]],
+                  "distance": round(float(to_kept[i]), 6)} for i in order if kept_index[i] >= 0]
+        report["example_pairs"] = pairs
+
+        # Pairwise distances: a seeded subsample whose full matrix would fit in the budget.
+        merged = on_common_bins([pairwise_histogram(points, memory_requirement_in_GB, input_rng),
+                                 pairwise_histogram(points[chosen], memory_requirement_in_GB, selection_rng)])
+        histograms = dict(zip(("input", "selection"), merged))
+        report["pairwise_distances"] = {name: h.to_json() for name, h in histograms.items()}
+        report["pairwise_distances"]["memory_requirement_in_GB"] = memory_requirement_in_GB
+        subsampled = any(h.subsampled for h in histograms.values())
+        for name, h in histograms.items():
+            if h.subsampled:
+                notes.append(f"Pairwise distances of the {name} were computed on a random subsample of "
+                             f"{h.n_used:,} of {h.n_points:,} images, the most whose pairwise matrix fits in "
+                             f"memory_requirement_in_GB={memory_requirement_in_GB:g} "
+                             f"({max_points_for_memory(memory_requirement_in_GB):,} images).")
+
+        from app.report import plots
+
+        plots.plot_pairwise_histogram(histograms["input"], "All candidates", plots.COLOURS["input"],
+                                      run_dir / PAIRWISE_INPUT_PNG)
+        plots.plot_pairwise_histogram(histograms["selection"], "Selection", plots.COLOURS["selection"],
+                                      run_dir / PAIRWISE_SELECTION_PNG)
+        plots.plot_nearest_neighbour_histograms(nearest, run_dir / NEAREST_PNG)
+        plots.plot_pca(pca_2d(points), selected, scatter_rng, run_dir / PCA_PNG)
+        captions = {
+            PAIRWISE_INPUT_PNG: "Pairwise distances between all candidates (before selection), log scale.",
+            PAIRWISE_SELECTION_PNG: "Pairwise distances within the selection (after), log scale: a "
+                                    "diverse selection has few small distances.",
+            NEAREST_PNG: "Distance from each image to its nearest neighbour in the same set; the "
+                         "random subset has the selection's size.",
+            PCA_PNG: "All candidates on their first two principal components, the selection in red.",
+        }
+        if n_example_images > 0:
+            plots.plot_example_pairs(pairs, _input_dir(run_dir), run_dir / PAIRS_PNG)
+            captions[PAIRS_PNG] = (f"The {min(len(pairs), plots.MAX_PAIRS_DRAWN)} removed images closest to a "
+                                   f"selected image, each beside that image, with their distance.")
+        report["plots"] = list(captions)
+
+    report["counts"] = {"candidates": n_candidates, "selected": len(sampled), "removed": len(removed),
+                        "corrupt": len(corrupt), "duplicates": len(duplicates)}
+
+    from app.report.page import render_html
+
+    atomic.write_json(run_dir / REPORT_JSON, report)
+    atomic.write_text(run_dir / REPORT_HTML, render_html(run_dir, report, captions, notes))
+    log.info("report: %s and %s with %d plots", REPORT_HTML, REPORT_JSON, len(report.get("plots", [])))
+    return ReportResult(n_candidates=n_candidates, n_selected=len(sampled), n_removed=len(removed),
+                        n_corrupt=len(corrupt), n_duplicates=len(duplicates), pairwise_subsampled=subsampled,
+                        artifacts=[REPORT_JSON, REPORT_HTML, *report.get("plots", [])])
