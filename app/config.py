@@ -75,6 +75,8 @@ class SamplerConfig:
     stopping_condition: StoppingCondition = field(default_factory=StoppingCondition)
     # Frames of one folder, in name order, are picked in runs of this length (1: single images).
     selected_sequence_length: int = 1
+    # Before selecting, drop images closer than this to an earlier kept image; -1 for off.
+    near_duplicate_distance: float = -1.0
     normalize_embeddings: bool = True
     batch_size: int = 64
 
@@ -287,6 +289,11 @@ def validate(cfg: DictConfig) -> None:
                       f"it applies to sampler=coreset only, not sampler={sampler.method}; use -1")
     if sampler.batch_size < 1:
         raise _refuse("sampler.batch_size", sampler.batch_size, "use an integer >= 1")
+    near = sampler.near_duplicate_distance
+    if not (near == -1 or (math.isfinite(near) and near > 0)):
+        raise _refuse("sampler.near_duplicate_distance", near, "use a distance > 0, or -1 for off")
+    if near > 0 and sampler.method == "none":
+        raise _refuse("sampler.near_duplicate_distance", near, "it needs embeddings; sampler=none has none")
     if sampler.selected_sequence_length < 1:
         raise _refuse("sampler.selected_sequence_length", sampler.selected_sequence_length,
                       "use an integer >= 1 (1 selects single images)")

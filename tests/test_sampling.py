@@ -77,3 +77,30 @@ def test_random_is_seeded_and_without_replacement():
     assert select_random(100, 10, seed=5) == select_random(100, 10, seed=5)
     assert select_random(100, 10, seed=5) != select_random(100, 10, seed=6)
     assert len(set(select_random(100, 100, seed=1))) == 100
+
+
+def reference_near_duplicates(points: np.ndarray, threshold: float):
+    kept, removed = [], []
+    for i, point in enumerate(points):
+        if kept:
+            distances = np.linalg.norm(points[kept] - point, axis=1)
+            j = int(np.argmin(distances))
+            if distances[j] < threshold:
+                removed.append((i, kept[j]))
+                continue
+        kept.append(i)
+    return removed
+
+
+@pytest.mark.parametrize("block", [3, 16, 1000])
+def test_near_duplicates_match_the_brute_force_greedy_whatever_the_block_size(block):
+    from app.sampling.near_duplicates import find_near_duplicates
+
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(40, 8)).astype(np.float32)
+    copies = base[rng.integers(0, 40, size=25)] + rng.normal(scale=0.01, size=(25, 8)).astype(np.float32)
+    points = np.concatenate([base, copies])[rng.permutation(65)]
+    found = find_near_duplicates(points, threshold=0.1, block=block)
+    assert [(i, j) for i, j, _ in found] == reference_near_duplicates(points, 0.1)
+    assert len(found) >= 20
+    assert all(d < 0.1 for _, _, d in found)

@@ -189,3 +189,22 @@ def test_enable_training_with_given_embeddings_is_refused(env, tmp_path):
     result = thresher([f"embeddings={tmp_path / 'e.csv'}", "enable_training=true"], env, tmp_path)
     assert result.returncode == 2
     assert "enable_training=True is not allowed" in result.stderr and "embeddings" in result.stderr
+
+
+def test_near_duplicates_are_dropped_before_selection_and_listed(env, tmp_path):
+    images = make_folder(tmp_path / "images", per_class=5)
+    for index in range(3):  # the same picture, brightened by a level or three: not identical bytes
+        with Image.open(images / "a/frame_000.png") as picture:
+            Image.fromarray(np.minimum(np.asarray(picture).astype(int) + 1 + index, 255).astype(np.uint8)).save(
+                images / f"b/near_{index}.png")
+    result = thresher([*FOLDER, f"data.input_dir={images}", "stages=[scan,embed,select]",
+                       "sampler.near_duplicate_distance=0.1", "sampler.stopping_condition.n_samples=-1"],
+                      env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    listed = [line.split("\t") for line in lines(run_dir / "filenames/near_duplicate_filenames.txt")]
+    assert sorted(row[0] for row in listed) == ["b/near_0.png", "b/near_1.png", "b/near_2.png"]
+    assert {row[1] for row in listed} == {"a/frame_000.png"}
+    sampled = set(lines(run_dir / "filenames/sampled_filenames.txt"))
+    removed = set(lines(run_dir / "filenames/removed_filenames.txt"))
+    assert len(sampled) == 10 and removed == {"b/near_0.png", "b/near_1.png", "b/near_2.png"}

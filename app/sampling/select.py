@@ -26,6 +26,7 @@ SAMPLED = "filenames/sampled_filenames.txt"
 REMOVED = "filenames/removed_filenames.txt"
 SELECTION = "data/selection.csv"
 SELECTED_EMBEDDINGS = "data/selected_embeddings.csv"
+NEAR_DUPLICATES = "filenames/near_duplicate_filenames.txt"
 
 
 @dataclass
@@ -34,6 +35,7 @@ class SelectResult:
     n_candidates: int
     n_selected: int
     stopped_by: str
+    n_near_duplicates: Optional[int] = None
     n_datapool: Optional[int] = None
     n_dumped: Optional[int] = None
     artifacts: List[str] = field(default_factory=lambda: [SAMPLED, REMOVED, SELECTION])
@@ -57,12 +59,17 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     method = cfg.sampler.method
     if method == "none":
         files, labels = read_input_files(run_dir / INPUT_FILES)
-        embeddings = None
+        all_files, embeddings, near_duplicates = files, None, None
         picks, distances, stopped_by = list(range(len(files))), None, "none"
     else:
         from app.sampling.embed import EMBEDDINGS, read_embeddings_csv
 
         files, embeddings, labels = read_embeddings_csv(run_dir / EMBEDDINGS)
+        all_files = files
+        near_duplicates = None
+        if cfg.sampler.near_duplicate_distance > 0:
+            files, embeddings, labels, near_duplicates = drop_near_duplicates(cfg, files, embeddings, labels,
+                                                                              run_dir, device)
         pool = None
         if cfg.datapool.name:
             from app.sampling.datapool import check_dimension, datapool_folder, load_datapool
@@ -74,9 +81,14 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     sampled = [files[i] for i in sorted(picks_set)]
 
     atomic.write_lines(run_dir / SAMPLED, sampled)
-    atomic.write_lines(run_dir / REMOVED, (f for i, f in enumerate(files) if i not in picks_set))
+    sampled_set = set(sampled)
+    atomic.write_lines(run_dir / REMOVED, (f for f in all_files if f not in sampled_set))
     write_selection_csv(run_dir / SELECTION, [files[i] for i in picks], distances)
-    result = SelectResult(method=method, n_candidates=len(files), n_selected=len(picks), stopped_by=stopped_by)
+    result = SelectResult(method=method, n_candidates=len(all_files), n_selected=len(picks),
+                          stopped_by=stopped_by)
+    if near_duplicates is not None:
+        result.n_near_duplicates = near_duplicates
+        result.artifacts.append(NEAR_DUPLICATES)
     if embeddings is not None and cfg.dump_sampled_embeddings:
         from app.sampling.embed import write_embeddings_csv
 
@@ -102,6 +114,21 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
         result.artifacts.append(SAMPLED_IMAGES)
     log.info("select: %s kept %d of %d images (stopped by %s)", method, len(picks), len(files), stopped_by)
     return result
+
+
+def drop_near_duplicates(cfg: DictConfig, files: List[str], embeddings: np.ndarray, labels: List[int],
+                         run_dir: Path, device):
+    """Leave out images within sampler.near_duplicate_distance of an earlier kept one; list them."""
+    from app.sampling.coreset import normalize_rows
+    from app.sampling.near_duplicates import find_near_duplicates
+
+    vectors = normalize_rows(embeddings) if cfg.sampler.normalize_embeddings else embeddings
+    found = find_near_duplicates(vectors, cfg.sampler.near_duplicate_distance, device)
+    atomic.write_lines(run_dir / NEAR_DUPLICATES, (f"{files[i]}\t{files[j]}\t{d:.6g}" for i, j, d in found))
+    gone = {i for i, _, _ in found}
+    keep = [i for i in range(len(files)) if i not in gone]
+    log.info("select: %d near duplicates (distance < %g) left out", len(gone), cfg.sampler.near_duplicate_distance)
+    return [files[i] for i in keep], embeddings[keep], [labels[i] for i in keep], len(gone)
 
 
 def choose(cfg: DictConfig, files: List[str], embeddings: np.ndarray, pool, device):
