@@ -33,6 +33,7 @@ def test_full_cpu_run_writes_every_artifact(env, tmp_path):
         assert stage["status"] == "finished" and stage["duration_s"] >= 0
     assert summary["counts"]["n_images"] == 45
     assert summary["counts"]["n_selected"] == 20
+    assert 0 < summary["stages"]["embed"]["compute_efficiency"] <= 1
 
     rows = read_csv(run_dir / "data/embeddings.csv")
     header, body = rows[0], rows[1:]
@@ -51,6 +52,9 @@ def test_full_cpu_run_writes_every_artifact(env, tmp_path):
     assert metrics["n_train"] + metrics["n_val"] == 20
     assert len(metrics["epochs"]) == 1 and metrics["final"]["images_per_s"] > 0
 
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["counts"]["selected"] == 20 and (run_dir / "report.html").is_file()
+    assert (run_dir / "data/selected_embeddings.csv").read_text().count("\n") == 21
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
         assert (run_dir / ".hydra" / name).is_file()
     assert (run_dir / "thresher.log").read_text().count("stage train: finished") == 1

@@ -6,6 +6,7 @@ Writes `data/embeddings.csv` in the lightly format (filenames, embedding_0..D-1,
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Tuple
@@ -32,6 +33,7 @@ class EmbedResult:
     n_embedded: int
     embedding_dim: int
     images_per_s: float
+    compute_efficiency: float = 0.0
     ssl_epochs: int = 0
     ssl_loss: List[float] = field(default_factory=list)
     artifacts: List[str] = field(default_factory=lambda: [EMBEDDINGS])
@@ -60,14 +62,20 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
     embeddings = np.zeros((len(files), dim), dtype=np.float32)
     embedded = np.zeros(len(files), dtype=bool)
     failures: List[Tuple[str, str]] = []
+    # compute efficiency = model time / loop time, as lightly reports it: near 1 means the device is
+    # kept busy, near 0 means loading images is the bottleneck (raise hardware.num_workers).
+    compute_s, started = 0.0, time.perf_counter()
     with torch.inference_mode(), Progress(len(files), "embed") as bar:
         for images, _, indices, failed in loader:
             failures += [(files[i], reason) for i, reason in failed]
             if len(indices):
+                began = time.perf_counter()
                 vectors = model(images.to(device, non_blocking=True)).float().cpu().numpy()
+                compute_s += time.perf_counter() - began
                 embeddings[indices.numpy()] = vectors
                 embedded[indices.numpy()] = True
-            bar.update(len(indices) + len(failed))
+            efficiency = compute_s / max(time.perf_counter() - started, 1e-9)
+            bar.update(len(indices) + len(failed), eff=round(efficiency, 2))
         rate = bar.rate
     for name, reason in failures:
         log.warning("image failed to load while embedding, skipped: %s (%s)", name, reason)
@@ -76,7 +84,8 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
     keep = np.flatnonzero(embedded)
     write_embeddings_csv(run_dir / EMBEDDINGS, [files[i] for i in keep], embeddings[keep],
                          [labels[i] for i in keep])
-    return EmbedResult(n_embedded=len(keep), embedding_dim=dim, images_per_s=round(rate, 2), **ssl_details)
+    return EmbedResult(n_embedded=len(keep), embedding_dim=dim, images_per_s=round(rate, 2),
+                       compute_efficiency=round(efficiency if files else 0.0, 3), **ssl_details)
 
 
 def leave_out_datapool_members(cfg: DictConfig, files: List[str], labels: List[int]):

@@ -59,7 +59,7 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     method = cfg.sampler.method
     if method == "none":
         files, labels = read_input_files(run_dir / INPUT_FILES)
-        all_files, embeddings, near_duplicates = files, None, None
+        all_files, embeddings, near_duplicates, pool = files, None, None, None
         picks, distances, stopped_by = list(range(len(files))), None, "none"
     else:
         from app.sampling.embed import EMBEDDINGS, read_embeddings_csv
@@ -112,7 +112,13 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
                                output_image_size(cfg.output_image_size), cfg.output_image_format)
         result.n_dumped = len(sampled) - len(failures)
         result.artifacts.append(SAMPLED_IMAGES)
-    log.info("select: %s kept %d of %d images (stopped by %s)", method, len(picks), len(files), stopped_by)
+    from app.report import write_report
+
+    report = write_report(run_dir, cfg.report.n_example_images, cfg.report.memory_requirement_in_GB, cfg.seed,
+                          pool_embeddings=None if pool is None else pool.embeddings)
+    result.artifacts += report.artifacts
+    log.info("select: %s kept %d of %d images (stopped by %s); report: %s", method, len(picks), len(all_files),
+             stopped_by, run_dir / "report.html")
     return result
 
 
