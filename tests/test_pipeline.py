@@ -193,3 +193,21 @@ def test_hydra_multirun_gives_each_job_its_own_run_directory(env, tmp_path):
     assert sweep.name.endswith("_sweep")
     methods = [summary_of(sweep / job)["stages"]["select"]["method"] for job in ("0", "1")]
     assert methods == ["random", "none"]
+
+
+def test_random_backbone_is_said_loudly_in_log_and_report(env, tmp_path):
+    result = thresher([*SMALL, "stages=[scan,embed,select]"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOMLY INITIALISED" in result.stdout
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert json.loads((run_dir / "report.json").read_text())["embedding_model"]["randomly_initialised"] is True
+    assert "RANDOMLY INITIALISED" in (run_dir / "report.html").read_text()
+
+
+def test_a_torchvision_weights_name_is_never_downloaded(env, tmp_path):
+    result = thresher([*SMALL, "model.weights=ResNet18_Weights.IMAGENET1K_V1", "stages=[scan,embed]"],
+                      {**env, "TORCH_HOME": str(tmp_path / "torch")}, tmp_path)
+    assert result.returncode == 2
+    expected = tmp_path / "torch/hub/checkpoints/resnet18-f37072fd.pth"
+    assert f"{expected} does not exist and thresher never downloads" in result.stderr
+    assert "TORCH_HOME" in result.stderr

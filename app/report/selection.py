@@ -93,6 +93,13 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
     subsampled = False
     n_candidates = len(sampled) + len(removed)
 
+    model_file = run_dir / "data/embedding_model.json"
+    if model_file.is_file():
+        report["embedding_model"] = json.loads(model_file.read_text())
+        if report["embedding_model"].get("randomly_initialised"):
+            notes.append(f"The embedding backbone ({report['embedding_model']['model']}) was RANDOMLY "
+                         f"INITIALISED: no model.weights, no checkpoint, no enable_training. The distances "
+                         f"below describe random features; give weights for a meaningful selection.")
     if not (run_dir / EMBEDDINGS).is_file():
         notes.append(f"No {EMBEDDINGS} in this run: distances and plots need the embed stage.")
     else:

@@ -26,6 +26,8 @@ from app.progress import Progress
 log = logging.getLogger("thresher")
 
 EMBEDDINGS = "data/embeddings.csv"
+# Which backbone made the embeddings; the report warns when it was randomly initialised.
+EMBEDDING_MODEL = "data/embedding_model.json"
 
 
 @dataclass
@@ -36,7 +38,7 @@ class EmbedResult:
     compute_efficiency: float = 0.0
     ssl_epochs: int = 0
     ssl_loss: List[float] = field(default_factory=list)
-    artifacts: List[str] = field(default_factory=lambda: [EMBEDDINGS])
+    artifacts: List[str] = field(default_factory=lambda: [EMBEDDINGS, EMBEDDING_MODEL])
 
 
 def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedResult:
@@ -54,6 +56,10 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
         from app.sampling.ssl import train_backbone_simclr
 
         ssl_details = train_backbone_simclr(model, dim, cfg, input_dir, files, device, run_dir)
+    weights = cfg.checkpoint or cfg.model.weights
+    atomic.write_json(run_dir / EMBEDDING_MODEL, {
+        "model": cfg.model.name, "weights": weights, "self_supervised_epochs": ssl_details.get("ssl_epochs", 0),
+        "randomly_initialised": not weights and not cfg.enable_training})
     model.eval().to(device)
     dataset = ImageFiles(input_dir, files, labels, image_transform(cfg.data.image_size))
     loader = make_loader(dataset, cfg.sampler.batch_size, loader_workers(cfg.hardware.num_workers, device),
