@@ -76,9 +76,12 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
 
             pool = load_datapool(datapool_folder(cfg.work_dir, cfg.datapool.name))
             check_dimension(pool, embeddings.shape[1])
+            # members are left out by the embed stage; this also holds for a select stage run again
+            fresh = [i for i, name in enumerate(files) if name not in pool.members]
+            files, embeddings, labels = [files[i] for i in fresh], embeddings[fresh], [labels[i] for i in fresh]
         picks, distances, stopped_by = choose(cfg, files, embeddings, pool, device)
-    picks_set = set(picks)
-    sampled = [files[i] for i in sorted(picks_set)]
+    order = sorted(set(picks))
+    sampled = [files[i] for i in order]
 
     atomic.write_lines(run_dir / SAMPLED, sampled)
     sampled_set = set(sampled)
@@ -92,7 +95,6 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     if embeddings is not None and cfg.dump_sampled_embeddings:
         from app.sampling.embed import write_embeddings_csv
 
-        order = sorted(picks_set)
         write_embeddings_csv(run_dir / SELECTED_EMBEDDINGS, sampled, embeddings[order],
                              [labels[i] for i in order])
         result.artifacts.append(SELECTED_EMBEDDINGS)
@@ -101,7 +103,6 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
 
         folder = datapool_folder(cfg.work_dir, cfg.datapool.name)
         with locked(folder):
-            order = sorted(picks_set)
             result.n_datapool = add_to_datapool(load_datapool(folder), sampled, embeddings[order],
                                                 [labels[i] for i in order], cfg.datapool.keep_history)
     if cfg.dump_dataset:
@@ -163,9 +164,8 @@ def choose(cfg: DictConfig, files: List[str], embeddings: np.ndarray, pool, devi
         chosen_units = select_random(len(units), min(n_units, len(units)), cfg.seed)
         distances, stopped_by = None, "n_samples"
     else:
-        pool_argument = {} if pool_vectors is None else {"pool": pool_vectors}  # TODO(lead): drop once coreset has pool
         chosen = select_coreset(vectors, min(n_units, len(units)), stop.min_distance, cfg.seed, device,
-                                **pool_argument)
+                                pool=pool_vectors)
         chosen_units, distances, stopped_by = chosen.indices, chosen.distances, chosen.stopped_by
     picks = [i for unit in chosen_units for i in units[unit]]
     if distances is not None and length > 1:
