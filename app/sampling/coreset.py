@@ -109,12 +109,14 @@ def reference_select_coreset(embeddings: np.ndarray, n_samples: int, min_distanc
     _check_finite((points.to(torch.float64) ** 2).sum(dim=1), "embeddings")
     _check_finite((pool_rows.to(torch.float64) ** 2).sum(dim=1), "pool")
     nearest = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+    # Points in float64 once (the conversion is exact), in blocks that stay in cache.
+    points64 = points.to(torch.float64)
+    rows = max(1, (1 << 20) // points.shape[1])
 
     def add_center(center: torch.Tensor) -> None:
-        rows = max(1, _EXACT_BLOCK // points.shape[1])
         for start in range(0, n, rows):
             part = nearest[start:start + rows]
-            torch.minimum(part, exact_squared_distances(points[start:start + rows], center), out=part)
+            torch.minimum(part, exact_squared_distances(points64[start:start + rows], center), out=part)
 
     picks: List[int] = []
     distances: List[float] = []
@@ -149,15 +151,15 @@ def exact_squared_distances(points: torch.Tensor, centers: torch.Tensor) -> torc
     tree (zero-padded to a power of two) made of elementwise additions. Every operation is one
     correctly rounded IEEE operation, so a pair gives the same bits on any device, alone or in a
     batch of any shape; the relative error is below 1e-14."""
-    diff = points.to(torch.float64) - centers.to(torch.float64)
-    terms = diff * diff
+    terms = points.to(torch.float64) - centers.to(torch.float64)
+    terms.mul_(terms)
     width = terms.shape[-1]
     padded = 1 << max(0, (width - 1).bit_length())
     if padded != width:
         terms = torch.nn.functional.pad(terms, (0, padded - width))
-    while terms.shape[-1] > 1:
-        half = terms.shape[-1] // 2
-        terms = terms[..., :half] + terms[..., half:]
+    while padded > 1:  # in place: the same additions as building a new tensor per level, less memory traffic
+        padded //= 2
+        terms[..., :padded] += terms[..., padded:2 * padded]
     return terms[..., 0]
 
 
