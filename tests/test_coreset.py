@@ -101,6 +101,29 @@ def test_exact_ties_and_copies_go_to_the_lowest_index(tiny, request):
     assert select_coreset(points, 500, min_distance=0.5, seed=3).stopped_by == "min_distance"
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_copies_anywhere_match_the_reference(seed):
+    """Each point three times, shuffled, some copies with -0.0 for 0.0 (equal values, other bits):
+    the random first pick is often not the lowest copy, and the other copies come last."""
+    rng = np.random.default_rng(seed)
+    base = isotropic(200, 12, seed=seed)
+    base[::5, 3] = 0.0
+    points = base[rng.permutation(np.repeat(np.arange(200), 3))]
+    zeros = np.flatnonzero(points[:, 3] == 0)[::2]
+    points[zeros, 3] = -0.0
+    for n_samples in (50, 200, 450, 700):
+        assert_same(select_coreset(points, n_samples, seed=seed), reference_select_coreset(points, n_samples, seed=seed))
+    assert select_coreset(points, 700, min_distance=0.0, seed=seed).stopped_by == "exhausted"
+    assert len(select_coreset(points, 700, min_distance=1e-9, seed=seed).indices) == 200
+
+
+def test_copies_are_found_by_value():
+    points = np.array([[1, 2], [3, 4], [1, 2], [0, -0.0], [3, 4], [0, 0], [5, 6]], dtype=np.float32)
+    distinct, copy_of = coreset._distinct_rows(torch.as_tensor(points))
+    assert distinct.tolist() == [0, 1, 3, 6]
+    assert copy_of.tolist() == [0, 1, 0, 2, 1, 2, 3]
+
+
 def test_points_all_equal():
     points = np.ones((50, 4), np.float32)
     chosen = select_coreset(points, 10, seed=0)

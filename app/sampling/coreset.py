@@ -9,34 +9,40 @@ shape. Ties go to the lowest index; a picked point is never picked again. `refer
 writes that definition out plainly, reading every point once per pick. `select_coreset` returns the
 same picks and the same distances bit for bit, on any data; tests/test_coreset.py checks it.
 
-How it is fast (all of it in torch, so it runs on a GPU too, with one host synchronisation per
-round of picks, not per pick):
-1. Estimates by GEMM. Squared distances are estimated in float32 as |x|² + |c|² − 2x·c, many at once.
-   A float32 dot product of length d errs by at most about d·2⁻²⁴·|x|·|c| whatever the summation
-   order, so every estimate lies within `eps` = 1.1·(d + 16)·2⁻²⁴·(2·largest norm)² of the exact
-   value, and so does each point's estimated distance to its nearest center (`nearest`).
+How it is fast (all of it in torch, so it runs on a GPU too, with a host synchronisation per round
+of picks or per block of work, not per pick):
+1. Estimates by GEMM. Squared distances are estimated as |x|² + |c|² − 2x·c, many at once, in
+   float64: a dot product of length d errs by at most about d·2⁻⁵³·|x|·|c| whatever the summation
+   order, so every estimate lies within `eps` = 1.1·(d + 32)·2⁻⁵³·(2·largest norm)² (about 1e-13
+   for unit vectors) of the exact value, and so does each point's estimate of its distance to the
+   nearest center. Float32 estimates would be 2x faster here but useless: near the top the greedy
+   leaves thousands of points within 1e-5 of each other, far inside float32's error bound.
 2. Lazy updates. Distances to the nearest center only shrink as centers are added, so a point's
-   estimate is an upper bound on its current distance even when it has not seen the newest centers
-   (it is "stale"). Only the points whose bound can still reach the top are brought up to date. In
-   high dimensions a typical point falls far below the farthest one after some hundreds of centers
-   and is rarely looked at again.
+   estimate stays an upper bound when it has not seen the newest centers (it is "stale"). Each
+   round brings only the points with the largest estimates up to date, and each of those only
+   until its estimate falls under the bound of the points left out. In high dimensions a typical
+   point sinks far under the farthest one after some thousands of centers and is left alone.
 3. Triangle inequality. A point x whose nearest center is c cannot get closer to a new center q when
-   d(c, q) >= 2·d(x, c). When a point is brought up to date, the centers too far from its current
-   center's group are skipped (this is what makes clustered data cheap).
-4. Batched picks. The points that are up to date and above every stale bound are the candidates;
-   one GEMM gives the distances from the top `b` of them to all of them, and the greedy picks are
-   then simulated in sequence as long as the farthest point stays among those `b`.
+   d(c, q) >= 2·d(x, c). Points close to their center meet only the new centers that pass this test
+   for their center's group (screened with float32 center-to-center distances and their own error
+   bound): this is what makes clustered data cheap.
+4. Batched picks. Among the up-to-date points above every stale bound, one GEMM gives the distances
+   from the top `b` to all of them, and the greedy picks are simulated in sequence as long as the
+   farthest point stays among those `b`.
+5. Copies. Equal rows are equally far from everything: the lowest index stands for them all, and
+   the other copies come last, at distance 0, in index order, as the reference has them.
 
-What makes it exact. A pick is taken only when its estimate beats the estimate of every other point
-in the batch, and the bound of every stale point, by more than 2·eps: then its exact distance is
-the largest, strictly. When that margin is missing (near ties, duplicates), every point within
-2·eps of the top is brought up to date and its exact distance recomputed with
-`exact_squared_distances` against the centers whose estimate is within 2·eps of its nearest (the
-exact nearest center must be among them); the largest wins, ties to the lowest index. The distance
-reported for every pick is recomputed the same way, and min_distance is checked on it.
+What makes it exact. A pick is taken only when its estimate beats the estimate of every other
+candidate, and the bound of every stale point, by more than 2·eps: then its exact distance is the
+largest, strictly. When that margin is missing (a tie), every point within 2·eps of the top is
+brought up to date and its exact distance computed with `exact_squared_distances` against the
+centers whose estimate is within 2·eps of its nearest (the exact nearest center must be among
+them); the largest wins, ties to the lowest index. The distance reported for every pick is
+computed the same way, and min_distance is checked on it. Centers skipped by the triangle
+inequality are farther, by a margin of more than 2·eps, than the point's own center.
 
-Memory is O(N·d): the points, the centers (at most N + pool rows), three vectors of length N, and
-GEMM blocks of bounded size; never an N×N matrix.
+Memory is O(N·d): a float64 copy of the points, the centers (at most N + pool rows), a few vectors
+of length N, and GEMM blocks of bounded size; never an N×N matrix.
 """
 from __future__ import annotations
 
@@ -92,8 +98,31 @@ def select_coreset(embeddings: np.ndarray, n_samples: int, min_distance: float =
     n = points.shape[0]
     if n == 0 or n_samples <= 0:
         return CoresetSelection([], [], "n_samples")
+    first = None if pool_rows.shape[0] else int(np.random.default_rng(seed).integers(n))
+    # Copies of a point are equally far from everything: the lowest index stands for them all, and
+    # the others come last, at distance 0, in index order (exactly what the reference does).
+    distinct, copy_of = _distinct_rows(points)
     with _full_float32_matmul():
-        return _GreedyKCenter(points, pool_rows).select(n_samples, min_distance, seed)
+        kcenter = _GreedyKCenter(points if distinct.numel() == n else points[distinct], pool_rows)
+        picks, distances, stopped_by = kcenter.select(min(n_samples, distinct.numel()), min_distance,
+                                                      None if first is None else int(copy_of[first]))
+    indices = distinct[torch.as_tensor(picks, dtype=torch.int64, device=distinct.device)].tolist()
+    if first is not None:
+        indices[0] = first  # the random pick may be any copy, not the lowest
+    if stopped_by != "min_distance" and len(indices) < min(n_samples, n):
+        # Every point left is a copy of a center or of a pool point.
+        if min_distance > 0:
+            stopped_by = "min_distance"
+        else:
+            left = np.ones(n, dtype=bool)
+            left[indices] = False
+            more = np.flatnonzero(left)[:min(n_samples, n) - len(indices)].tolist()
+            indices += more
+            distances += [0.0] * len(more)
+            stopped_by = "n_samples"
+    if len(indices) == n and n_samples > n:
+        stopped_by = "exhausted"
+    return CoresetSelection(indices, distances, stopped_by)
 
 
 def reference_select_coreset(embeddings: np.ndarray, n_samples: int, min_distance: float = -1.0, seed: int = 0,
@@ -181,6 +210,37 @@ def _as_tensors(embeddings, pool, device):
     return points, pool_rows
 
 
+def _distinct_rows(points: torch.Tensor):
+    """(distinct, copy_of): the lowest index of each group of equal rows, ascending, and for every
+    row the position in `distinct` of its group. Rows are grouped by a hash of their bits and
+    compared before they are merged, so a hash collision only costs a merge."""
+    n, d = points.shape
+    generator = torch.Generator().manual_seed(20240611)
+    multipliers = (torch.randint(-2 ** 62, 2 ** 62, (d,), generator=generator) * 2 + 1).to(points.device)
+    hashes = torch.empty(n, dtype=torch.int64, device=points.device)
+    rows = max(1, (1 << 20) // d)
+    for start in range(0, n, rows):
+        bits = (points[start:start + rows] + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 is 0.0
+        hashes[start:start + rows] = (bits * multipliers).sum(dim=1)  # wraps around: a hash, not a number
+    order = torch.argsort(hashes, stable=True)
+    sorted_hashes = hashes[order]
+    repeats = (sorted_hashes[1:] == sorted_hashes[:-1]).nonzero().squeeze(1) + 1
+    everything = torch.arange(n, device=points.device)
+    if repeats.numel() == 0:
+        return everything, everything
+    run_starts = torch.ones(n, dtype=torch.bool, device=points.device)
+    run_starts[repeats] = False
+    run_first = order[run_starts.nonzero().squeeze(1)][run_starts.cumsum(0) - 1]  # stable sort: lowest index first
+    stands_for = everything.clone()
+    members, firsts = order[repeats], run_first[repeats]
+    for start in range(0, members.numel(), rows):
+        m, f = members[start:start + rows], firsts[start:start + rows]
+        equal = (points[m] == points[f]).all(dim=1)
+        stands_for[m[equal]] = f[equal]
+    distinct = (stands_for == everything).nonzero().squeeze(1)
+    return distinct, torch.searchsorted(distinct, stands_for)
+
+
 def _check_finite(squared_norms: torch.Tensor, name: str) -> None:
     """A row's float64 squared norm is finite exactly when all its float32 coordinates are."""
     bad = ~torch.isfinite(squared_norms)
@@ -191,7 +251,8 @@ def _check_finite(squared_norms: torch.Tensor, name: str) -> None:
 
 @contextlib.contextmanager
 def _full_float32_matmul():
-    """The error bound assumes true float32 products: no TF32 or bfloat16 shortcuts in matmul."""
+    """The float32 screening of center-to-center distances assumes true float32 products: no TF32
+    or bfloat16 shortcuts in matmul."""
     precision = torch.get_float32_matmul_precision()
     cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.set_float32_matmul_precision("highest")
@@ -510,37 +571,36 @@ class _GreedyKCenter:
         self.nearest[index] = -math.inf
         self._add_centers(self.points[index], self.norms[index])
 
-    def select(self, n_samples: int, min_distance: float, seed: int) -> CoresetSelection:
-        target = min(n_samples, self.n)
+    def select(self, target: int, min_distance: float, first: Optional[int]):
+        """Up to `target` picks, the first one `first` unless there is a pool. Returns (picks, their
+        distances, "n_samples" | "min_distance" | "zeros"); "zeros" when every point left is a copy
+        of a center (distance 0), which `select_coreset` finishes."""
         picks: List[int] = []
         distances: List[float] = []
         if self.pool_rows.shape[0]:
             self._add_centers(self.pool_rows, (self.pool_rows * self.pool_rows).sum(dim=1))
         else:
-            first = int(np.random.default_rng(seed).integers(self.n))
             picks, distances = [first], [math.inf]
             self._add_centers(self.points[first:first + 1], self.norms[first:first + 1])
         self._meet_first_center()
-        if not self.pool_rows.shape[0]:
-            self.nearest[picks[0]] = -math.inf
-        stopped_by = "n_samples"
+        if first is not None:
+            self.nearest[first] = -math.inf
         progress = _progress(target, self.n * self.d)
-        while len(picks) < target:
+        stopped_by = "n_samples"
+        while len(picks) < target and stopped_by == "n_samples":
             before = self.n_centers
-            chosen, reason = self._round(target - len(picks))
+            chosen, _ = self._round(target - len(picks))
             if chosen.numel():
                 limits = torch.arange(before, before + chosen.numel(), device=self.device)
                 exact = self._exact_nearest(self.points[chosen], self.norms[chosen], limits).tolist()
                 new = list(zip(chosen.tolist(), exact))
             else:  # a near tie, or a stale point too close to call: settle one pick exactly
                 winner, best = self._settle_tie()
-                if best == 0.0:  # every point left is a copy of a center: the rest go in index order
-                    rest = (self.nearest > -math.inf).nonzero().squeeze(1)[:target - len(picks)]
-                    new = [(i, 0.0) for i in rest.tolist()]
-                    self._take(rest)
-                else:
-                    new = [(int(winner), best)]
-                    self._take(winner.reshape(1))
+                if best == 0.0:
+                    stopped_by = "zeros"
+                    break
+                new = [(int(winner), best)]
+                self._take(winner.reshape(1))
             for index, squared in new:
                 distance = math.sqrt(squared)
                 if min_distance >= 0 and distance < min_distance:
@@ -550,13 +610,9 @@ class _GreedyKCenter:
                 distances.append(distance)
             if progress is not None:
                 progress.update(len(new))
-            if stopped_by == "min_distance":
-                break
         if progress is not None:
             progress.close()
-        if len(picks) == self.n and n_samples > self.n:
-            stopped_by = "exhausted"
-        return CoresetSelection(picks, distances, stopped_by)
+        return picks, distances, stopped_by
 
     def _meet_first_center(self) -> None:
         rows = max(1, _BLOCK // self.d)
