@@ -94,10 +94,15 @@ def agreement(picks, reference):
 
 
 def compare(kind, points, k, picks_timed, seed, with_google=True):
+    load = {}  # 1-minute load average before and after each contender: the machine may be shared
     print(f"  {kind}: thresher ...", flush=True)
+    before = os.getloadavg()[0]
     t_thresher, thresher_picks, thresher_distances = run_thresher(points, k, seed)
+    load["thresher"] = [before, os.getloadavg()[0]]
     print(f"  {kind}: reference ({'all' if picks_timed >= k else picks_timed} picks) ...", flush=True)
+    before = os.getloadavg()[0]
     reference, ref_picks, ref_distances = timed(run_reference, points, k, picks_timed, seed)
+    load["reference"] = [before, os.getloadavg()[0]]
     n_ref = len(ref_picks)
     row = {
         "thresher_seconds": t_thresher,
@@ -110,10 +115,13 @@ def compare(kind, points, k, picks_timed, seed, with_google=True):
     row["reference_over_thresher"] = reference["seconds"] / t_thresher
     if with_google:
         print(f"  {kind}: google port ...", flush=True)
+        before = os.getloadavg()[0]
         google, google_picks, _ = timed(run_google, points, k, picks_timed, ref_picks[0])
+        load["google_port"] = [before, os.getloadavg()[0]]
         row["google_port"] = google
         row["google_vs_reference"] = agreement(google_picks, ref_picks)
         row["google_over_thresher"] = google["seconds"] / t_thresher
+    row["load_1min"] = load
     return row
 
 
@@ -173,7 +181,10 @@ def main(argv=None) -> int:
                   f" {row['thresher_seconds']:>9.1f} {row['reference_over_thresher']:>8.1f}"
                   f" {row['google_over_thresher']:>10.1f}  thresher {row['thresher_vs_reference']} "
                   f"(first {row['compared_picks']}), google port {row['google_vs_reference']}")
-    print(f"load before {result['load_before']}, after {result['load_after']}")
+    print(f"load before {result['load_before']}, after {result['load_after']}; 1-minute load around each run:")
+    for runs in (result["runs"], result["checks"]):
+        for kind, row in runs.items():
+            print(f"  {kind:<10} " + ", ".join(f"{name} {a:.1f}->{b:.1f}" for name, (a, b) in row["load_1min"].items()))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"figures: {args.json}")
