@@ -30,7 +30,7 @@ def find_conf_dir() -> Path:
 
 
 CONF_DIR = find_conf_dir()
-GROUPS = ("model", "data", "sampler", "hardware")
+GROUPS = ("model", "data", "sampler", "hardware", "logger")
 
 
 def fail(message: str, code: int = 2) -> None:

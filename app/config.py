@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -26,7 +26,21 @@ CLASSIFIERS = (
     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
     "convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x1_0",
 )
-OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam")
+DETECTORS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+             "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
+KEYPOINT_MODELS = ("keypointrcnn_resnet50_fpn",)
+TASK_MODELS = {"classification": CLASSIFIERS, "detection": DETECTORS, "keypoints": KEYPOINT_MODELS}
+# torch.optim and torch.optim.lr_scheduler names, listed so a typo is refused before torch loads;
+# their keyword arguments are checked against the real signatures before the first stage runs.
+OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
+              "ASGD", "Rprop", "LBFGS", "SparseAdam", "Adafactor", "Muon")
+SCHEDULERS = ("StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts",
+              "LinearLR", "ConstantLR", "PolynomialLR", "OneCycleLR", "CyclicLR", "ReduceLROnPlateau",
+              "LambdaLR", "MultiplicativeLR")
+CROP_SAMPLING = ("uniform", "keypoint", "density", "hybrid")
+AMP_DTYPES = ("bf16", "fp16")
+LOGGERS = ("csv", "tensorboard", "wandb")
+DATA_FORMATS = ("shapes", "folder", "coco", "oxford_pet")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 WEIGHTS_NAME_PATTERN = re.compile(r"^\w+_Weights\.\w+$")
 
@@ -41,25 +55,94 @@ class UserError(Exception):
 @dataclass
 class ModelConfig:
     name: str = "resnet18"
+    # classification, detection or keypoints; the number of classes comes from the data.
+    task: str = "classification"
+    # null (random initialisation), a torchvision weights name read from $TORCH_HOME, or a path.
     weights: Optional[str] = None
 
 
 @dataclass
-class ShapesDataConfig:
+class ResizeConfig:
+    # null: data.image_size. keep_ratio scales to fit inside, then pads the rest (DeepLabCut's resize).
+    height: Optional[int] = None
+    width: Optional[int] = None
+    keep_ratio: bool = True
+
+
+@dataclass
+class ColorJitterConfig:
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations (torchvision.transforms.v2: boxes and keypoints follow the image);
+    the names are DeepLabCut's. Validation images are only scaled, resized and padded."""
+    resize: ResizeConfig = field(default_factory=ResizeConfig)
+    # The first scaling, applied to every image (training and validation).
+    global_scale: float = 1.0
+    # Images whose longer side, after global_scale, is outside [min, max] are left out of training.
+    min_input_size: int = 16
+    max_input_size: int = 4096
+    # [width, height] of a random crop taken from a crop_ratio share of the images; null: no crop.
+    crop_size: Optional[List[int]] = None
+    crop_ratio: float = 0.4
+    # The crop centre moves by up to this share of the crop size around the sampled point.
+    max_shift: float = 0.4
+    # uniform: anywhere; keypoint: around a random visible keypoint; density: where annotations
+    # are densest; hybrid: one of the three at random.
+    crop_sampling: str = "hybrid"
+    sharpening: bool = False
+    sharpenratio: float = 0.3
+    edge: bool = False
+    # Probability of a horizontal flip.
+    hflip: float = 0.5
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
+
+
+@dataclass
+class DataConfig:
+    """What every data option shares: the model input size and the augmentations."""
+    name: str = MISSING
+    image_size: int = 64
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ShapesDataConfig(DataConfig):
     name: str = "shapes"
     n_images: int = 300
     shapes_image_size: int = 96
     n_corrupt: int = 0
-    image_size: int = 64
 
 
 @dataclass
-class FolderDataConfig:
+class FolderDataConfig(DataConfig):
     name: str = "folder"
     input_dir: str = "/data/input"
-    image_size: int = 64
     # A file naming the images to use, one path per line relative to input_dir; no folder walk.
     relevant_filenames_file: Optional[str] = None
+
+
+@dataclass
+class CocoDataConfig(DataConfig):
+    """Images under input_dir, boxes and keypoints in a COCO JSON file (file_name relative to it)."""
+    name: str = "coco"
+    input_dir: str = "/data/input"
+    annotations: str = "/data/input/annotations.json"
+    relevant_filenames_file: Optional[str] = None
+
+
+@dataclass
+class OxfordPetDataConfig(DataConfig):
+    """The Oxford-IIIT Pet layout: images/, annotations/xmls/ (head boxes), annotations/trainval.txt."""
+    name: str = "oxford_pet"
+    root: str = "/data/input"
+    # species: cat and dog; breed: the 37 breeds.
+    classes: str = "species"
 
 
 @dataclass
@@ -79,6 +162,9 @@ class SamplerConfig:
     near_duplicate_distance: float = -1.0
     normalize_embeddings: bool = True
     batch_size: int = 64
+    # The classifier whose penultimate layer embeds the images; null: model.name when that is a
+    # classifier, else resnet18.
+    embedding_model: Optional[str] = None
 
 
 @dataclass
@@ -111,16 +197,74 @@ class HardwareConfig:
     # None: none on the CPU (worker processes only compete with compute there), one per core
     # (at most 8) on CUDA; -1: one per core.
     num_workers: Optional[int] = None
+    # Batches each worker loads ahead (torch's default 2); only with workers.
+    prefetch_factor: Optional[int] = None
+    # null: on when the device is CUDA.
+    pin_memory: Optional[bool] = None
+    persistent_workers: bool = False
+    # Training processes on this machine (DDP through torchrun when > 1); -1: one per visible GPU.
+    nproc_per_node: int = 1
+    # Multi-node: torchrun's rendezvous (every node runs the same command with its node_rank).
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: Optional[str] = None
+    rdzv_id: str = "thresher"
+    # null: nccl on CUDA, gloo on the CPU.
+    ddp_backend: Optional[str] = None
+
+
+@dataclass
+class OptimizerConfig:
+    """Any torch.optim class by name, with its keyword arguments (DeepLabCut's type/params)."""
+    type: str = "AdamW"
+    params: Dict[str, Any] = field(default_factory=lambda: {"lr": 1e-3, "weight_decay": 1e-4})
+
+
+@dataclass
+class SchedulerConfig:
+    """Any torch.optim.lr_scheduler class by name, stepped once an epoch; null for a constant rate.
+    warmup_epochs ramps the rate linearly from warmup_start_factor first."""
+    type: Optional[str] = None
+    params: Dict[str, Any] = field(default_factory=dict)
+    warmup_epochs: int = 0
+    warmup_start_factor: float = 0.1
 
 
 @dataclass
 class TrainerConfig:
     epochs: int = 3
     batch_size: int = 32
-    optimizer: str = "AdamW"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Keep checkpoints/epoch_NNN.pt every this many epochs (0: only last.pt and best.pt).
+    save_epochs: int = 0
+    # Clip the gradients' total norm to this (null: no clipping).
+    grad_clip_norm: Optional[float] = None
+    # Automatic mixed precision on CUDA: null, bf16 or fp16 (fp16 with a gradient scaler).
+    amp: Optional[str] = None
+    channels_last: bool = False
+    compile: bool = False
+    # torch.use_deterministic_algorithms and seeded workers: a resumed run equals an uninterrupted one.
+    deterministic: bool = False
+    # The metric that picks checkpoints/best.pt; null: the task's (val_top1, val_map, val_keypoints_map).
+    key_metric: Optional[str] = None
+    key_metric_mode: str = "max"
     val_fraction: float = 0.2
+    # One file name per line (as in data/input_files.csv): these validate, the rest train.
+    val_filenames_file: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    """Where training metrics go besides metrics.csv, which is always written."""
+    type: str = "csv"
+    project: str = "thresher"
+    # null: the run directory's name.
+    run_name: Optional[str] = None
+    entity: Optional[str] = None
+    # wandb: online, offline (no network needed; `wandb sync` later) or disabled.
+    mode: str = "online"
+    log_every_n_steps: int = 10
 
 
 @dataclass
@@ -130,6 +274,7 @@ class ThresherConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     work_dir: str = "runs"
     note: str = ""
     run_directory: Optional[str] = None
@@ -161,6 +306,8 @@ def register_configs() -> None:
     store.store(name="thresher_schema", node=ThresherConfig)
     store.store(group="data", name="shapes_schema", node=ShapesDataConfig)
     store.store(group="data", name="folder_schema", node=FolderDataConfig)
+    store.store(group="data", name="coco_schema", node=CocoDataConfig)
+    store.store(group="data", name="oxford_pet_schema", node=OxfordPetDataConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,41 +447,138 @@ def validate(cfg: DictConfig) -> None:
     _validate_bring_your_own(cfg)
     _validate_outputs(cfg)
 
-    trainer = cfg.trainer
-    if trainer.epochs < 1:
-        raise _refuse("trainer.epochs", trainer.epochs, "use an integer >= 1")
-    if trainer.batch_size < 1:
-        raise _refuse("trainer.batch_size", trainer.batch_size, "use an integer >= 1")
-    if not trainer.lr > 0:
-        raise _refuse("trainer.lr", trainer.lr, "use a learning rate > 0")
-    if trainer.weight_decay < 0:
-        raise _refuse("trainer.weight_decay", trainer.weight_decay, "use a value >= 0")
-    if not 0 <= trainer.val_fraction < 1:
-        raise _refuse("trainer.val_fraction", trainer.val_fraction, "use a fraction in [0, 1)")
-    if trainer.optimizer not in OPTIMIZERS:
-        raise _refuse("trainer.optimizer", trainer.optimizer,
-                      f"choose a torch.optim name: {', '.join(OPTIMIZERS)}", OPTIMIZERS)
-
-    if not DEVICE_PATTERN.match(str(cfg.hardware.device)):
-        raise _refuse("hardware.device", cfg.hardware.device, "use auto, cpu, cuda, cuda:N or mps",
-                      ["auto", "cpu", "cuda", "mps"])
-    if cfg.hardware.num_workers is not None and cfg.hardware.num_workers < -1:
-        raise _refuse("hardware.num_workers", cfg.hardware.num_workers,
-                      "use an integer >= 0, -1 for one per CPU core, or null for automatic")
-
-    if cfg.model.name not in CLASSIFIERS:
-        raise _refuse("model.name", cfg.model.name,
-                      f"choose a torchvision classifier: {', '.join(CLASSIFIERS)}", CLASSIFIERS)
-    weights = cfg.model.weights
-    if weights and not WEIGHTS_NAME_PATTERN.match(weights) and not Path(weights).is_file():
-        raise _refuse("model.weights", weights,
-                      "use null, an existing state-dict file, or a torchvision weights name "
-                      "such as ResNet18_Weights.IMAGENET1K_V1")
+    _validate_trainer(cfg.trainer, cfg.model.task)
+    _validate_hardware(cfg.hardware)
+    _validate_model(cfg.model, cfg.sampler.embedding_model)
+    _validate_logger(cfg.logger)
 
     _validate_data(cfg.data, needs_input="scan" in stages or cfg.sanity_check)
     _validate_work_dir(cfg.work_dir)
     if cfg.overwrite and cfg.resume:
         raise _refuse("resume", True, "choose overwrite=true or resume=true, not both")
+
+
+def _validate_trainer(trainer: DictConfig, task: str) -> None:
+    for key in ("epochs", "batch_size"):
+        if trainer[key] < 1:
+            raise _refuse(f"trainer.{key}", trainer[key], "use an integer >= 1")
+    if trainer.save_epochs < 0:
+        raise _refuse("trainer.save_epochs", trainer.save_epochs, "use an integer >= 0 (0: only last.pt and best.pt)")
+    if trainer.optimizer.type not in OPTIMIZERS:
+        raise _refuse("trainer.optimizer.type", trainer.optimizer.type,
+                      f"choose a torch.optim name: {', '.join(OPTIMIZERS)}", OPTIMIZERS)
+    lr = trainer.optimizer.params.get("lr")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise _refuse("trainer.optimizer.params.lr", lr, "use a learning rate > 0")
+    scheduler = trainer.scheduler
+    if scheduler.type is not None and scheduler.type not in SCHEDULERS:
+        raise _refuse("trainer.scheduler.type", scheduler.type,
+                      f"choose a torch.optim.lr_scheduler name: {', '.join(SCHEDULERS)}, or null", SCHEDULERS)
+    if scheduler.warmup_epochs < 0:
+        raise _refuse("trainer.scheduler.warmup_epochs", scheduler.warmup_epochs, "use an integer >= 0")
+    if not 0 < scheduler.warmup_start_factor <= 1:
+        raise _refuse("trainer.scheduler.warmup_start_factor", scheduler.warmup_start_factor,
+                      "use a factor in (0, 1]")
+    if trainer.grad_clip_norm is not None and not trainer.grad_clip_norm > 0:
+        raise _refuse("trainer.grad_clip_norm", trainer.grad_clip_norm, "use a norm > 0, or null for no clipping")
+    if trainer.amp is not None and trainer.amp not in AMP_DTYPES:
+        raise _refuse("trainer.amp", trainer.amp, "use bf16, fp16, or null", AMP_DTYPES)
+    if trainer.key_metric_mode not in ("max", "min"):
+        raise _refuse("trainer.key_metric_mode", trainer.key_metric_mode, "use max or min", ("max", "min"))
+    if not 0 <= trainer.val_fraction < 1:
+        raise _refuse("trainer.val_fraction", trainer.val_fraction, "use a fraction in [0, 1)")
+    if trainer.val_filenames_file and not Path(trainer.val_filenames_file).is_file():
+        raise _refuse("trainer.val_filenames_file", trainer.val_filenames_file,
+                      "it must be an existing text file, one file name per line")
+
+
+def _validate_hardware(hardware: DictConfig) -> None:
+    if not DEVICE_PATTERN.match(str(hardware.device)):
+        raise _refuse("hardware.device", hardware.device, "use auto, cpu, cuda, cuda:N or mps",
+                      ["auto", "cpu", "cuda", "mps"])
+    if hardware.num_workers is not None and hardware.num_workers < -1:
+        raise _refuse("hardware.num_workers", hardware.num_workers,
+                      "use an integer >= 0, -1 for one per CPU core, or null for automatic")
+    if hardware.prefetch_factor is not None and hardware.prefetch_factor < 1:
+        raise _refuse("hardware.prefetch_factor", hardware.prefetch_factor, "use an integer >= 1, or null")
+    if hardware.nproc_per_node == 0 or hardware.nproc_per_node < -1:
+        raise _refuse("hardware.nproc_per_node", hardware.nproc_per_node,
+                      "use an integer >= 1, or -1 for one per visible GPU")
+    if hardware.nnodes < 1:
+        raise _refuse("hardware.nnodes", hardware.nnodes, "use an integer >= 1")
+    if not 0 <= hardware.node_rank < hardware.nnodes:
+        raise _refuse("hardware.node_rank", hardware.node_rank, f"use an integer in [0, hardware.nnodes={hardware.nnodes})")
+    if hardware.nnodes > 1 and not hardware.rdzv_endpoint:
+        raise _refuse("hardware.rdzv_endpoint", hardware.rdzv_endpoint,
+                      "with hardware.nnodes > 1, name the rendezvous host:port that every node reaches")
+    if hardware.ddp_backend is not None and hardware.ddp_backend not in ("nccl", "gloo"):
+        raise _refuse("hardware.ddp_backend", hardware.ddp_backend, "use nccl, gloo, or null", ("nccl", "gloo"))
+
+
+def _validate_model(model: DictConfig, embedding_model: Optional[str]) -> None:
+    if model.task not in TASK_MODELS:
+        raise _refuse("model.task", model.task, f"choose from {', '.join(TASK_MODELS)}", TASK_MODELS)
+    allowed = TASK_MODELS[model.task]
+    if model.name not in allowed:
+        other = next((task for task, names in TASK_MODELS.items() if model.name in names), None)
+        hint = f" ({model.name} is a {other} model: set model.task={other})" if other else ""
+        raise UserError(f"model.name={model.name!r} is not allowed: choose a torchvision {model.task} model: "
+                        f"{', '.join(allowed)}{hint or did_you_mean(model.name, allowed)}")
+    weights = model.weights
+    if weights and not WEIGHTS_NAME_PATTERN.match(weights) and not Path(weights).is_file():
+        raise _refuse("model.weights", weights,
+                      "use null, an existing state-dict file, or a torchvision weights name "
+                      "such as ResNet18_Weights.IMAGENET1K_V1")
+    if embedding_model is not None and embedding_model not in CLASSIFIERS:
+        raise _refuse("sampler.embedding_model", embedding_model,
+                      f"choose a torchvision classifier: {', '.join(CLASSIFIERS)}, or null", CLASSIFIERS)
+
+
+def embedding_model_name(cfg: DictConfig) -> str:
+    """The classifier that embeds the images for selection."""
+    if cfg.sampler.embedding_model:
+        return cfg.sampler.embedding_model
+    return cfg.model.name if cfg.model.task == "classification" else "resnet18"
+
+
+def _validate_logger(logger: DictConfig) -> None:
+    if logger.type not in LOGGERS:
+        raise _refuse("logger.type", logger.type, f"choose from {', '.join(LOGGERS)}", LOGGERS)
+    if logger.mode not in ("online", "offline", "disabled"):
+        raise _refuse("logger.mode", logger.mode, "use online, offline or disabled",
+                      ("online", "offline", "disabled"))
+    if logger.log_every_n_steps < 1:
+        raise _refuse("logger.log_every_n_steps", logger.log_every_n_steps, "use an integer >= 1")
+
+
+def _validate_augment(augment: DictConfig) -> None:
+    key = "data.augment"
+    for side in ("height", "width"):
+        value = augment.resize[side]
+        if value is not None and value < 16:
+            raise _refuse(f"{key}.resize.{side}", value, "use an integer >= 16, or null for data.image_size")
+    if not augment.global_scale > 0:
+        raise _refuse(f"{key}.global_scale", augment.global_scale, "use a scale > 0")
+    if not 1 <= augment.min_input_size <= augment.max_input_size:
+        raise _refuse(f"{key}.min_input_size", augment.min_input_size,
+                      f"use an integer in [1, data.augment.max_input_size={augment.max_input_size}]")
+    if augment.crop_size is not None:
+        crop = list(augment.crop_size)
+        if len(crop) != 2 or not all(_is_int(v) and v >= 8 for v in crop):
+            raise _refuse(f"{key}.crop_size", crop, "use [width, height] (integers >= 8), or null for no crop")
+    for name in ("crop_ratio", "sharpenratio", "hflip"):
+        if not 0 <= augment[name] <= 1:
+            raise _refuse(f"{key}.{name}", augment[name], "use a probability in [0, 1]")
+    if not 0 <= augment.max_shift <= 1:
+        raise _refuse(f"{key}.max_shift", augment.max_shift, "use a share of the crop size in [0, 1]")
+    if augment.crop_sampling not in CROP_SAMPLING:
+        raise _refuse(f"{key}.crop_sampling", augment.crop_sampling, f"choose from {', '.join(CROP_SAMPLING)}",
+                      CROP_SAMPLING)
+    for name in ("brightness", "contrast", "saturation"):
+        if augment.color_jitter[name] < 0:
+            raise _refuse(f"{key}.color_jitter.{name}", augment.color_jitter[name], "use a value >= 0")
+    if not 0 <= augment.color_jitter.hue <= 0.5:
+        raise _refuse(f"{key}.color_jitter.hue", augment.color_jitter.hue, "use a value in [0, 0.5]")
 
 
 def _validate_bring_your_own(cfg: DictConfig) -> None:
@@ -406,6 +650,7 @@ def _validate_work_dir(work_dir: str) -> None:
 def _validate_data(data: DictConfig, needs_input: bool) -> None:
     if data.image_size < 16:
         raise _refuse("data.image_size", data.image_size, "use an integer >= 16")
+    _validate_augment(data.augment)
     if data.name == "shapes":
         if data.n_images < 3:
             raise _refuse("data.n_images", data.n_images, "use an integer >= 3 (one per class)")
@@ -414,7 +659,7 @@ def _validate_data(data: DictConfig, needs_input: bool) -> None:
         if not 0 <= data.n_corrupt < data.n_images:
             raise _refuse("data.n_corrupt", data.n_corrupt,
                           f"use an integer in [0, data.n_images={data.n_images})")
-    elif data.name == "folder":
+    elif data.name in ("folder", "coco"):
         input_dir = Path(data.input_dir)
         if needs_input and not input_dir.is_dir():
             raise _refuse("data.input_dir", str(input_dir),
@@ -423,8 +668,17 @@ def _validate_data(data: DictConfig, needs_input: bool) -> None:
         if needs_input and relevant and not Path(relevant).is_file():
             raise _refuse("data.relevant_filenames_file", relevant,
                           "it must be an existing text file, one image path per line relative to data.input_dir")
+        if data.name == "coco" and needs_input and not Path(data.annotations).is_file():
+            raise _refuse("data.annotations", data.annotations, "it must be an existing COCO JSON file")
+    elif data.name == "oxford_pet":
+        root = Path(data.root)
+        if needs_input and not (root / "images").is_dir():
+            raise _refuse("data.root", str(root), "it must hold the Oxford-IIIT Pet layout: images/, "
+                          "annotations/xmls/ and annotations/trainval.txt")
+        if data.classes not in ("species", "breed"):
+            raise _refuse("data.classes", data.classes, "use species or breed", ("species", "breed"))
     else:
-        raise _refuse("data.name", data.name, "choose shapes or folder", ["shapes", "folder"])
+        raise _refuse("data.name", data.name, f"choose from {', '.join(DATA_FORMATS)}", DATA_FORMATS)
 
 
 def shapes_cache_dir() -> Path:

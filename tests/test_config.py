@@ -36,8 +36,13 @@ def test_default_config_composes_every_group():
 
 @pytest.mark.parametrize("group", cli.GROUPS)
 def test_every_option_of_every_group_composes_and_validates(group, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations.json").write_text("{}")
+    inputs = {"folder": [f"data.input_dir={tmp_path}"],
+              "coco": [f"data.input_dir={tmp_path}", f"data.annotations={tmp_path}/annotations.json"],
+              "oxford_pet": [f"data.root={tmp_path}"]}
     for option in cli.group_options(group):
-        extra = [f"data.input_dir={tmp_path}"] if (group, option) == ("data", "folder") else []
+        extra = inputs.get(option, []) if group == "data" else []
         cfg = compose(f"{group}={option}", *extra)
         validate(cfg)
 
@@ -71,9 +76,9 @@ REFUSALS = [
     (["sampler.batch_size=0"], ["sampler.batch_size=0", "integer >= 1"]),
     (["trainer.epochs=abc"], ["trainer.epochs='abc'", "expected an integer"]),
     (["trainer.epochs=0"], ["trainer.epochs=0", "integer >= 1"]),
-    (["trainer.lr=0"], ["trainer.lr=0.0", "> 0"]),
+    (["trainer.optimizer.params.lr=0"], ["trainer.optimizer.params.lr=0", "> 0"]),
     (["trainer.val_fraction=1.0"], ["trainer.val_fraction=1.0", "[0, 1)"]),
-    (["trainer.optimizer=adamw"], ["trainer.optimizer='adamw'", "did you mean AdamW?"]),
+    (["trainer.optimizer.type=adamw"], ["trainer.optimizer.type='adamw'", "did you mean AdamW?"]),
     (["trainer.batch_sise=4"], ["trainer.batch_sise=4", "did you mean trainer.batch_size?"]),
     (["+trainer.momentum=0.9"], ["trainer.momentum", "no such key"]),
     (["hardware.device=gpu0"], ["hardware.device='gpu0'", "auto, cpu, cuda, cuda:N or mps"]),

@@ -23,6 +23,12 @@ def image_transform(image_size: int, train: bool = False) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def open_image(root: Path, name: str) -> Image.Image:
+    """The RGB image `name` under `root`: the one place stages read an input image."""
+    with Image.open(Path(root) / name) as image:
+        return image.convert("RGB")
+
+
 class ImageFiles(Dataset):
     """(image tensor or None, label, index, error or None) for each file name under `root`."""
 
@@ -34,8 +40,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            with Image.open(self.root / self.files[index]) as image:
-                tensor = self.transform(image.convert("RGB"))
+            tensor = self.transform(open_image(self.root, self.files[index]))
             return tensor, self.labels[index], index, None
         except Exception as error:  # decoded fine at scan time, or the check was off
             return None, self.labels[index], index, f"{type(error).__name__}: {error}"

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from app import atomic
-from app.config import UserError
+from app.config import UserError, embedding_model_name
 from app.data.images import ImageFiles, image_transform, make_loader
 from app.data.scan import DATASET, INPUT_FILES, add_corrupt, read_input_files
 from app.device import loader_workers
@@ -50,15 +50,17 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
     if cfg.embeddings:
         return use_given_embeddings(Path(cfg.embeddings), files, labels, run_dir)
     input_dir = Path(json.loads((run_dir / DATASET).read_text())["input_dir"])
-    model, dim = build_backbone(cfg.model.name, cfg.checkpoint or cfg.model.weights)
+    model_name = embedding_model_name(cfg)
+    # The training model's weights fit the backbone only when it is that same classifier.
+    weights = cfg.checkpoint or (cfg.model.weights if model_name == cfg.model.name else None)
+    model, dim = build_backbone(model_name, weights)
     ssl_details = {}
     if cfg.enable_training:
         from app.sampling.ssl import train_backbone_simclr
 
         ssl_details = train_backbone_simclr(model, dim, cfg, input_dir, files, device, run_dir)
-    weights = cfg.checkpoint or cfg.model.weights
     atomic.write_json(run_dir / EMBEDDING_MODEL, {
-        "model": cfg.model.name, "weights": weights, "self_supervised_epochs": ssl_details.get("ssl_epochs", 0),
+        "model": model_name, "weights": weights, "self_supervised_epochs": ssl_details.get("ssl_epochs", 0),
         "randomly_initialised": not weights and not cfg.enable_training})
     model.eval().to(device)
     dataset = ImageFiles(input_dir, files, labels, image_transform(cfg.data.image_size))

@@ -85,8 +85,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> TrainRe
 
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg.model.name, len(classes), cfg.model.weights).to(device)
-    optimizer = getattr(torch.optim, trainer.optimizer)(
-        model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
+    optimizer = getattr(torch.optim, trainer.optimizer.type)(model.parameters(), **trainer.optimizer.params)
     loss_function = nn.CrossEntropyLoss()
     workers = loader_workers(cfg.hardware.num_workers, device)
     pin = device.type == "cuda"
