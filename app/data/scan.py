@@ -53,11 +53,14 @@ class ScanResult:
 
 
 def resolve_input_dir(data: DictConfig) -> Path:
-    """The folder the images are in; for `shapes`, generated into the cache first."""
+    """The folder the images are in (file names are relative to it); for `shapes`, generated into
+    the cache first."""
     if data.name == "shapes":
         from app.data.shapes import ensure_shapes
 
         return ensure_shapes(shapes_cache_dir(), data.n_images, data.shapes_image_size, data.n_corrupt)
+    if data.name == "oxford_pet":  # only images/ holds inputs; annotations/trimaps/*.png are masks
+        return Path(data.root) / "images"
     return Path(data.input_dir)
 
 
