@@ -189,6 +189,24 @@ class SSLConfig:
 class ReportConfig:
     n_example_images: int = 6
     memory_requirement_in_GB: float = 2.0
+    # A plot of which frames of each input video were selected (the Lightly Worker's name).
+    show_video_sampling_timeline: bool = True
+
+
+@dataclass
+class CorruptnessCheckConfig:
+    # A video frame whose corruption score (0: clean, 1: unusable) is above this is corrupt.
+    corruption_threshold: float = 0.1
+
+
+@dataclass
+class DatasourceConfig:
+    """Where the input comes from, under the Lightly Worker's names."""
+    # false: with a datapool.name, a later run scans only files and objects it has not seen (key
+    # and ETag, or size and mtime for a folder); true: all of them again.
+    process_all: bool = False
+    # Trust the video container's frame count instead of decoding every frame to count them.
+    use_frame_count_metadata: bool = False
 
 
 @dataclass
@@ -285,7 +303,12 @@ class ThresherConfig:
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     sanity_check: bool = False
     enable_corruptness_check: bool = True
+    corruptness_check: CorruptnessCheckConfig = field(default_factory=CorruptnessCheckConfig)
     remove_exact_duplicates: bool = True
+    datasource: DatasourceConfig = field(default_factory=DatasourceConfig)
+    # fsspec options per protocol (s3, gs, az) for bucket URLs in data.input_dir and work_dir;
+    # credentials come in as ${secret:NAME}; null values are left out.
+    storage_options: Dict[str, Any] = field(default_factory=dict)
     # Bring your own: a lightly-format embeddings CSV (skips embedding), backbone weights.
     embeddings: Optional[str] = None
     checkpoint: Optional[str] = None
@@ -334,8 +357,11 @@ def run_directory_path(work_dir: str, note: Optional[str], run_directory: Option
 
 
 def register_resolvers() -> None:
+    from app.secrets import register_secret_resolver
+
     if not OmegaConf.has_resolver("thresher_run_dir"):
         OmegaConf.register_new_resolver("thresher_run_dir", run_directory_path)
+    register_secret_resolver()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,8 +437,11 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> List[tuple]:
 
 def validate(cfg: DictConfig) -> None:
     """Refuse values out of range with one line naming the key, the value and what is allowed."""
+    from app.secrets import check_secrets
+
     for key, allowed in unknown_keys(cfg):
         raise UserError(f"{key}: no such key{did_you_mean(key, allowed)}")
+    check_secrets(cfg)
     stages = list(cfg.stages)
     for stage in stages:
         if stage not in STAGES:
@@ -444,6 +473,9 @@ def validate(cfg: DictConfig) -> None:
     if sampler.selected_sequence_length < 1:
         raise _refuse("sampler.selected_sequence_length", sampler.selected_sequence_length,
                       "use an integer >= 1 (1 selects single images)")
+    threshold = cfg.corruptness_check.corruption_threshold
+    if not 0 <= threshold <= 1:
+        raise _refuse("corruptness_check.corruption_threshold", threshold, "use a score in [0, 1]")
     _validate_bring_your_own(cfg)
     _validate_outputs(cfg)
 
@@ -637,6 +669,9 @@ def _validate_outputs(cfg: DictConfig) -> None:
 
 def _validate_work_dir(work_dir: str) -> None:
     """Run directories are made under work_dir: its nearest existing folder must be writable."""
+    if is_url(work_dir):
+        check_protocol_installed("work_dir", work_dir)
+        return
     path = Path(work_dir).absolute()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
@@ -661,11 +696,16 @@ def _validate_data(data: DictConfig, needs_input: bool) -> None:
                           f"use an integer in [0, data.n_images={data.n_images})")
     elif data.name in ("folder", "coco"):
         input_dir = Path(data.input_dir)
+        if is_url(data.input_dir):
+            check_protocol_installed("data.input_dir", data.input_dir)
+            if data.name == "coco" and needs_input and not (is_url(data.annotations) or Path(data.annotations).is_file()):
+                raise _refuse("data.annotations", data.annotations, "it must be an existing COCO JSON file")
+            return
         if needs_input and not input_dir.is_dir():
             raise _refuse("data.input_dir", str(input_dir),
                           "it must be an existing folder of images (in Docker, mount it at /data/input)")
         relevant = data.relevant_filenames_file
-        if needs_input and relevant and not Path(relevant).is_file():
+        if needs_input and relevant and not is_url(relevant) and not Path(relevant).is_file():
             raise _refuse("data.relevant_filenames_file", relevant,
                           "it must be an existing text file, one image path per line relative to data.input_dir")
         if data.name == "coco" and needs_input and not Path(data.annotations).is_file():
@@ -679,6 +719,31 @@ def _validate_data(data: DictConfig, needs_input: bool) -> None:
             raise _refuse("data.classes", data.classes, "use species or breed", ("species", "breed"))
     else:
         raise _refuse("data.name", data.name, f"choose from {', '.join(DATA_FORMATS)}", DATA_FORMATS)
+
+
+# fsspec protocols thresher reads and writes, and the extra that installs each one's filesystem.
+URL_PROTOCOLS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+                 "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure"),
+                 "memory": (None, None)}
+URL_PATTERN = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*)://")
+
+
+def is_url(location: Any) -> bool:
+    """An fsspec URL such as s3://bucket/prefix (a plain path is not one)."""
+    return bool(URL_PATTERN.match(str(location or "")))
+
+
+def check_protocol_installed(key: str, url: str) -> None:
+    """A bucket URL needs its fsspec filesystem: say which extra installs it, before any work."""
+    import importlib.util
+
+    protocol = URL_PATTERN.match(url)["protocol"]
+    if protocol not in URL_PROTOCOLS:
+        raise _refuse(key, url, f"use a folder or an s3://, gs:// or az:// URL", [f"{p}://" for p in URL_PROTOCOLS])
+    module, extra = URL_PROTOCOLS[protocol]
+    if module and importlib.util.find_spec(module) is None:
+        raise UserError(f"{key}={url!r} needs {module}, which is not installed: pip install 'thresher[{extra}]' "
+                        f"(in Docker, build with --build-arg EXTRAS={extra})")
 
 
 def shapes_cache_dir() -> Path:

@@ -12,8 +12,14 @@ from typing import List, Optional, Sequence, Set
 from app.config import UserError
 
 REDACTED = "***"
-# Config key -> environment variable that carries it.
+# Config key -> environment variable that carries it (a `key=value` override is taken off argv).
 SECRET_VARIABLES = {"token": "THRESHER_TOKEN"}
+# Every variable the shipped configuration reads through `${secret:NAME}`, registered for redaction
+# at start so that nothing prints them even before the config is resolved.
+KNOWN_SECRETS = ("THRESHER_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING",
+                 "AZURE_STORAGE_SAS_TOKEN")
+_REQUIRED = object()
 _OVERRIDE = re.compile(r"^\+{0,2}(?P<key>[A-Za-z_][\w.]*)=(?P<value>.*)$", re.DOTALL)
 
 _secret_values: Set[str] = set()
@@ -72,9 +78,57 @@ def read_secret(variable: str) -> Optional[str]:
     return None
 
 
+def resolve_secret(variable: str, default=_REQUIRED):
+    """The `${secret:NAME}` resolver: NAME from the environment or the file named by NAME_FILE,
+    registered for redaction. `${secret:NAME,null}` is optional; without a default a missing secret
+    is a user error that names the variable (never a value)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(variable)):
+        raise UserError(f"${{secret:{variable}}}: not an environment variable name (use letters, digits, _)")
+    value = read_secret(str(variable))
+    if value:
+        return value
+    if default is _REQUIRED:
+        raise UserError(f"the secret {variable} is required and not set: export {variable}, or "
+                        f"{variable}_FILE naming a file that holds it (docker run -e {variable} ..., "
+                        f"or a Docker secret)")
+    return default
+
+
+def register_secret_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("secret"):
+        OmegaConf.register_new_resolver("secret", resolve_secret)
+
+
+def check_secrets(cfg) -> None:
+    """Resolve every `${secret:...}` in `cfg` now, so a missing one stops the run at start with a
+    UserError naming the variable rather than somewhere in a later stage."""
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.errors import InterpolationResolutionError
+
+    def walk(node, prefix: str) -> None:
+        keys = range(len(node)) if isinstance(node, ListConfig) else list(node.keys())
+        for key in keys:
+            child = node._get_node(key)
+            full = f"{prefix}{key}"
+            if isinstance(child, (DictConfig, ListConfig)):
+                walk(child, f"{full}.")
+                continue
+            raw = child._value() if child is not None else None
+            if isinstance(raw, str) and "${secret:" in raw:
+                try:
+                    node[key]
+                except InterpolationResolutionError as error:
+                    message = str(error).split("raised while resolving interpolation: ", 1)[-1]
+                    raise UserError(f"{full}: {redact(message.splitlines()[0])}") from None
+
+    walk(cfg, "")
+
+
 def register_environment_secrets() -> None:
     """Register every known secret present in the environment, so nothing prints it."""
-    for variable in SECRET_VARIABLES.values():
+    for variable in dict.fromkeys([*SECRET_VARIABLES.values(), *KNOWN_SECRETS]):
         try:
             read_secret(variable)
         except UserError:
