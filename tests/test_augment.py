@@ -2,6 +2,8 @@
 sizes are exact; validation is plain; the same torch seed repeats the same augmentation."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -313,3 +315,11 @@ def test_input_size_ok_bounds_the_longer_side_after_global_scale():
     assert not input_size_ok(62, 62, config)
     assert input_size_ok(200, 40, config)
     assert not input_size_ok(40, 202, config)
+
+
+def test_the_transform_pickles_for_loader_workers():
+    config = augment(crop_size=[16, 16], crop_ratio=1.0, hflip=0.5, color_jitter__brightness=0.3, sharpening=True)
+    transform = build_transform(config, 32, train=True, normalize=True)
+    copy = pickle.loads(pickle.dumps(transform))
+    image = rectangle(64, 48, (8, 8, 30, 30))
+    assert torch.equal(run(transform, image, None, 3)[0], run(copy, image, None, 3)[0])

@@ -123,14 +123,10 @@ class AugmentTransform:
         height, width = pixels.shape[-2:]
         boxes, keypoints, visibility = _read_target(target, (height, width))
 
-        left, top, crop_w, crop_h = 0, 0, width, height
         if self.crop_size is not None and self.crop_ratio > 0 and torch.rand(()) < self.crop_ratio:
             left, top, crop_w, crop_h = self._crop_window(width, height, boxes, keypoints, visibility)
-            pixels = F.crop(pixels, top, left, crop_h, crop_w)
-            boxes = F.crop(boxes, top, left, crop_h, crop_w)
-            if keypoints is not None:
-                keypoints = F.crop(keypoints, top, left, crop_h, crop_w)
-        else:  # clip boxes that stick out of the image, as a crop would
+            pixels, boxes, keypoints = _follow(F.crop, pixels, boxes, keypoints, top, left, crop_h, crop_w)
+        elif boxes is not None:  # clip boxes that stick out of the image, as a crop would
             boxes = F.clamp_bounding_boxes(boxes)
         if keypoints is not None:
             visibility = _visibility_inside(keypoints, visibility)
@@ -139,7 +135,8 @@ class AugmentTransform:
 
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             pixels = F.horizontal_flip(pixels)
-            boxes = F.horizontal_flip(boxes)
+            if boxes is not None:
+                boxes = F.horizontal_flip(boxes)
             if keypoints is not None:
                 keypoints, visibility = self._flip_keypoints(keypoints, visibility)
 
@@ -157,7 +154,7 @@ class AugmentTransform:
             return pixels, None
         return pixels, self._write_target(target, boxes, keypoints, visibility)
 
-    def _crop_window(self, width: int, height: int, boxes: torch.Tensor, keypoints: Optional[torch.Tensor],
+    def _crop_window(self, width: int, height: int, boxes: Optional[torch.Tensor], keypoints: Optional[torch.Tensor],
                      visibility: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
         """(left, top, width, height) in the original image's pixels; crop_size is in scaled ones."""
         crop_w = min(width, max(1, round(self.crop_size[0] / self.global_scale)))
@@ -188,17 +185,11 @@ class AugmentTransform:
         else:
             new_w, new_h = self.width, self.height
         if (new_h, new_w) != (in_h, in_w):
-            pixels = F.resize(pixels, [new_h, new_w], antialias=True)
-            boxes = F.resize(boxes, [new_h, new_w])
-            if keypoints is not None:
-                keypoints = F.resize(keypoints, [new_h, new_w])
+            pixels, boxes, keypoints = _follow(F.resize, pixels, boxes, keypoints, [new_h, new_w], antialias=True)
         pad_left, pad_top = (self.width - new_w) // 2, (self.height - new_h) // 2
         padding = [pad_left, pad_top, self.width - new_w - pad_left, self.height - new_h - pad_top]
         if any(padding):
-            pixels = F.pad(pixels, padding, fill=0)
-            boxes = F.pad(boxes, padding)
-            if keypoints is not None:
-                keypoints = F.pad(keypoints, padding)
+            pixels, boxes, keypoints = _follow(F.pad, pixels, boxes, keypoints, padding, fill=0)
         return pixels, boxes, keypoints
 
     def _flip_keypoints(self, keypoints: tv_tensors.KeyPoints, visibility: torch.Tensor):
@@ -228,6 +219,16 @@ class AugmentTransform:
         return out
 
 
+def _follow(op, pixels, boxes, keypoints, *args, **kwargs):
+    """One v2 functional applied to the pixels and to the boxes and keypoints there are."""
+    pixels = op(pixels, *args, **kwargs)
+    if boxes is not None:
+        boxes = op(boxes, *args, **kwargs)
+    if keypoints is not None:
+        keypoints = op(keypoints, *args, **kwargs)
+    return pixels, boxes, keypoints
+
+
 def _as_uint8_chw(image) -> torch.Tensor:
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
@@ -239,9 +240,9 @@ def _as_uint8_chw(image) -> torch.Tensor:
 
 
 def _read_target(target: Optional[Dict], canvas: Tuple[int, int]):
-    """BoundingBoxes (empty without a target), KeyPoints [N, K, 2] and their visibility [N, K]."""
+    """BoundingBoxes, KeyPoints [N, K, 2] and their visibility [N, K]; None for what is missing."""
     if target is None:
-        return tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=canvas), None, None
+        return None, None, None
     boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
     boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=canvas)
     if target.get("keypoints") is None:
@@ -260,7 +261,7 @@ def _visibility_inside(keypoints: tv_tensors.KeyPoints, visibility: torch.Tensor
     return torch.where(inside, visibility, torch.zeros_like(visibility))
 
 
-def _sampled_point(method: str, boxes: torch.Tensor, keypoints: Optional[torch.Tensor],
+def _sampled_point(method: str, boxes: Optional[torch.Tensor], keypoints: Optional[torch.Tensor],
                    visibility: Optional[torch.Tensor], width: int, height: int, crop_w: int,
                    crop_h: int) -> Optional[torch.Tensor]:
     """A crop centre from the annotations: visible keypoints, else box centres; None if neither."""
@@ -268,7 +269,7 @@ def _sampled_point(method: str, boxes: torch.Tensor, keypoints: Optional[torch.T
     if keypoints is not None:
         flat = keypoints.as_subclass(torch.Tensor).reshape(-1, 2)
         points = flat[visibility.reshape(-1) > 0]
-    if not len(points):
+    if not len(points) and boxes is not None:
         plain = boxes.as_subclass(torch.Tensor)
         points = (plain[:, :2] + plain[:, 2:]) / 2
     inside = (points[:, 0] >= 0) & (points[:, 0] <= width) & (points[:, 1] >= 0) & (points[:, 1] <= height)
