@@ -1,0 +1,359 @@
+"""`hydra/launcher=docker`: sweeps whose jobs run in containers of the thresher image.
+
+The first half pins what each container gets (mounts, command, secrets, GPUs) without an engine;
+the tests marked `docker` run real sweeps against the engine and the image $THRESHER_IMAGE
+(thresher:latest by default; .ci/run builds it from this checkout). Without an engine or the image
+they skip, except under CI=true, where they fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from app.config import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = os.environ.get("THRESHER_IMAGE", "thresher:latest")
+TINY = ["data.image_size=32", "hardware=cpu", "sampler.batch_size=16"]
+SELECT_ONLY = "stages=[scan,embed,select]"
+SWEEP_TIMEOUT_S = 600
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip, except under CI, where a Docker test that cannot run is a failure."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: the Docker tests must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def thresher(args: List[str], env: dict, cwd: Path, timeout: float = SWEEP_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def launcher_env(tmp_path) -> dict:
+    values = {k: v for k, v in os.environ.items() if not k.startswith("THRESHER_")}
+    values.update(THRESHER_WORK_DIR=str(tmp_path / "runs"), THRESHER_IMAGE=IMAGE, PYTHONUNBUFFERED="1")
+    values.pop("HYDRA_FULL_ERROR", None)
+    return values
+
+
+def hydra_config(tmp_path: Path, overrides: List[str], num: int = 0):
+    """A job's full config (hydra section included), as the launcher receives it from the sweeper."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from app.cli import CONF_DIR
+    from app.config import register_configs, register_resolvers
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="thresher"):
+            cfg = compose(config_name="config", overrides=[f"work_dir={tmp_path / 'runs'}", *overrides],
+                          return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.hydra.job.num = num
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Without an engine: what each container gets
+# ---------------------------------------------------------------------------------------------
+def test_hydra_finds_the_docker_launcher_from_any_folder(tmp_path, launcher_env):
+    process = thresher(["hydra/launcher=docker", "hydra.launcher.gpus_per_job=1", "--cfg", "hydra"],
+                       launcher_env, tmp_path, timeout=120)
+    assert process.returncode == 0, process.stderr
+    import yaml
+
+    launcher = yaml.safe_load(process.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("DockerLauncher")
+    assert launcher["gpus_per_job"] == 1
+    assert launcher["environment"] == ["THRESHER_TOKEN"]
+
+
+@pytest.mark.parametrize("launcher, plugin", [("joblib", "hydra_plugins.hydra_joblib_launcher"),
+                                              ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher")])
+def test_hydras_own_launchers_compose_when_their_extra_is_installed(tmp_path, launcher_env, launcher, plugin):
+    import importlib.util
+
+    if importlib.util.find_spec(plugin) is None:
+        pytest.skip(f"{plugin} is not installed (pip install 'thresher[{launcher.split('_')[0]}]')")
+    process = thresher([f"hydra/launcher={launcher}", "--cfg", "hydra"], launcher_env, tmp_path, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert plugin in process.stdout
+
+
+def test_a_job_writes_its_run_directory_where_a_local_multirun_would(tmp_path):
+    from app.launcher.docker import container_kwargs, plan_job, LauncherOptions
+
+    images = tmp_path / "images"
+    images.mkdir()
+    cfg = hydra_config(tmp_path, ["data=folder", f"data.input_dir={images}", "sampler=random",
+                                  f"embeddings={images}/mine.csv"], num=3)
+    job = plan_job(cfg, ["data=folder", f"data.input_dir={images}", "sampler=random",
+                         f"embeddings={images}/mine.csv"], 3)
+
+    sweep_dir = Path(str(cfg.hydra.sweep.dir))
+    assert sweep_dir.parent == tmp_path / "runs" / "multirun"
+    assert job.host_run_dir == sweep_dir / "3"
+    relative = job.host_run_dir.relative_to(tmp_path / "runs")
+    assert job.command[-1] == f"hydra.run.dir=/data/output/{relative}"
+    assert "work_dir=/data/output" in job.command
+    assert "data.input_dir=/data/input" in job.command
+    assert "embeddings=/data/input/mine.csv" in job.command  # host paths under a mount are translated
+    assert not any(str(tmp_path) in arg for arg in job.command)
+
+    kwargs = container_kwargs(job, LauncherOptions(image="thresher:test"), [], {}, [])
+    mounts = {mount["Target"]: mount for mount in kwargs["mounts"]}
+    assert mounts["/data/output"]["Source"] == str(tmp_path / "runs")
+    assert mounts["/data/output"]["ReadOnly"] is False
+    assert mounts["/data/input"]["Source"] == str(images)
+    assert mounts["/data/input"]["ReadOnly"] is True
+    assert kwargs["user"] == f"{os.getuid()}:{os.getgid()}"
+    assert kwargs["labels"]["thresher.launcher"] == "docker"
+    assert kwargs["labels"]["thresher.job_num"] == "3"
+    assert "device_requests" not in kwargs  # a host without the NVIDIA runtime refuses any
+
+
+def test_gpus_go_round_robin_as_device_requests(tmp_path):
+    from app.launcher.docker import GpuPool, LauncherOptions, container_kwargs, plan_job
+
+    pool = GpuPool(["0", "1", "2", "3"], gpus_per_job=2)
+    first, second = pool.acquire(), pool.acquire()
+    assert [first[1], second[1]] == [["0", "1"], ["2", "3"]]
+    pool.release(first[0])
+    assert pool.acquire()[1] == ["0", "1"]  # the free group, not the busy one
+    pool.release(second[0])
+    assert pool.acquire()[1] == ["2", "3"]
+
+    with pytest.raises(UserError, match="gpus_per_job=2 is more than the 1 GPUs"):
+        GpuPool(["0"], gpus_per_job=2)
+
+    job = plan_job(hydra_config(tmp_path, []), [], 0)
+    kwargs = container_kwargs(job, LauncherOptions(gpus_per_job=2), ["2", "3"], {}, [])
+    [request] = kwargs["device_requests"]
+    assert request["DeviceIDs"] == ["2", "3"]
+    assert request["Capabilities"] == [["gpu"]]
+
+
+def test_secrets_reach_the_container_by_name_only(tmp_path, monkeypatch):
+    from app.launcher.docker import LauncherOptions, container_kwargs, plan_job, secret_environment
+
+    token = f"tok-{secrets.token_hex(8)}"
+    key_file = tmp_path / "key"
+    key_file.write_text("file-secret")
+    environment, mounts = secret_environment(["THRESHER_TOKEN", "OTHER_KEY", "ABSENT"],
+                                             {"THRESHER_TOKEN": token, "OTHER_KEY_FILE": str(key_file)})
+    assert environment == {"THRESHER_TOKEN": token, "OTHER_KEY_FILE": "/run/secrets/other_key"}
+    assert [(m["Source"], m["Target"], m["ReadOnly"]) for m in mounts] == \
+        [(str(key_file), "/run/secrets/other_key", True)]
+
+    job = plan_job(hydra_config(tmp_path, []), ["sampler=random"], 0)
+    kwargs = container_kwargs(job, LauncherOptions(), [], environment, mounts)
+    assert kwargs["environment"]["THRESHER_TOKEN"] == token
+    assert not any(token in arg for arg in kwargs["command"])
+
+    with pytest.raises(UserError) as refused:
+        LauncherOptions.from_config({"environment": [f"THRESHER_TOKEN={token}"]})
+    assert token not in str(refused.value)
+    assert "names only" in str(refused.value)
+
+
+def test_sweep_summary_reads_each_jobs_numbers_defensively(tmp_path):
+    from app.launcher.docker import Job, JobOutcome, write_sweep_summary
+
+    sweep_dir = tmp_path / "sweep"
+    jobs = []
+    for num in range(3):
+        run_dir = sweep_dir / str(num)
+        run_dir.mkdir(parents=True)
+        jobs.append(Job(num=num, overrides=[f"seed={num}"], sweep_dir=sweep_dir, host_run_dir=run_dir,
+                        host_work_dir=tmp_path, host_input_dir=None, container_run_dir="", command=[]))
+    (sweep_dir / "0" / "summary.json").write_text(json.dumps({
+        "status": "finished", "duration_s": 4.5,
+        "stages": {"select": {"status": "finished", "n_selected": 10, "stopped_by": "n_samples",
+                              "flag": True, "artifacts": ["a"]},
+                   "train": {"status": "finished", "val_accuracy": 0.5}}}))
+    (sweep_dir / "0" / "metrics.json").write_text(json.dumps(
+        {"final": {"val_top1": 0.75, "epoch": 2}, "epochs": [{"loss": 1.0}], "n_train": 8}))
+    (sweep_dir / "1" / "summary.json").write_text("{not json")
+    (sweep_dir / "1" / "metrics.json").write_text("[1, 2]")
+
+    path = write_sweep_summary(sweep_dir, "thresher:test", [
+        JobOutcome(jobs[0], "finished", exit_code=0), JobOutcome(jobs[1], "failed", exit_code=2),
+        JobOutcome(jobs[2], "not started")])
+    rows = json.loads(path.read_text())["jobs"]
+    assert rows[0]["metrics"] == {"select.n_selected": 10, "train.val_accuracy": 0.5, "duration_s": 4.5,
+                                  "metrics.final.val_top1": 0.75, "metrics.final.epoch": 2,
+                                  "metrics.n_train": 8}
+    assert rows[1]["metrics"] == {} and rows[1]["exit_code"] == 2
+    assert [row["status"] for row in rows] == ["finished", "failed", "not started"]
+    assert rows[1]["log"] == str(sweep_dir / "1" / "container.log")
+
+    # A later batch of the same sweep adds its rows to the earlier ones.
+    write_sweep_summary(sweep_dir, "thresher:test", [JobOutcome(jobs[2], "finished", exit_code=0)])
+    summary = json.loads(path.read_text())
+    assert [row["status"] for row in summary["jobs"]] == ["finished", "failed", "finished"]
+    assert summary["n_failed"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sweeps on the engine
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def docker_client():
+    try:
+        import docker
+    except ImportError:
+        unavailable("the docker package is not installed (pip install 'thresher[docker]')")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as error:
+        unavailable(f"no Docker engine reachable: {error}")
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        unavailable(f"image {IMAGE} is not built (docker build -t {IMAGE} .; .ci/run builds it)")
+    return client
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """24 small PNGs in one sub-folder per class, the layout data=folder reads."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    for class_index, name in enumerate(("red", "green", "blue")):
+        (root / name).mkdir()
+        for index in range(8):
+            colour = [30 + 20 * index] * 3
+            colour[class_index] = 255
+            Image.new("RGB", (32, 32), tuple(colour)).save(root / name / f"{name}_{index}.png")
+    return root
+
+
+def containers_labelled(client, label: str) -> list:
+    return client.containers.list(all=True, filters={"label": label})
+
+
+def remove_labelled(client, label: str) -> None:
+    for container in containers_labelled(client, label):
+        container.remove(force=True)
+
+
+def the_sweep_dir(work_dir: Path) -> Path:
+    found = list((work_dir / "multirun").iterdir())
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.docker
+def test_a_two_job_sweep_runs_in_containers_and_gathers_a_summary(
+        docker_client, image_folder, launcher_env, tmp_path):
+    token = f"tok-{secrets.token_hex(16)}"
+    label = f"thresher_test={uuid.uuid4().hex}"
+    launcher_env["THRESHER_TOKEN"] = token
+    try:
+        process = thresher(["-m", "hydra/launcher=docker", "sampler=random,coreset",
+                            "sampler.stopping_condition.n_samples=10", "data=folder",
+                            f"data.input_dir={image_folder}", SELECT_ONLY, *TINY,
+                            "hydra.launcher.max_parallel=2", f"+hydra.launcher.labels.{label}"],
+                           launcher_env, tmp_path)
+        assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+        assert containers_labelled(docker_client, label) == []  # removed once they ended
+    finally:
+        remove_labelled(docker_client, label)
+
+    sweep_dir = the_sweep_dir(tmp_path / "runs")
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert [(row["job"], row["exit_code"], row["status"]) for row in summary["jobs"]] == \
+        [(0, 0, "finished"), (1, 0, "finished")]
+    for num, sampler in enumerate(("random", "coreset")):
+        row = summary["jobs"][num]
+        run_dir = sweep_dir / str(num)
+        assert row["run_directory"] == str(run_dir)
+        assert f"sampler={sampler}" in row["overrides"]
+        assert row["metrics"]["select.n_selected"] == 10
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+        assert len((run_dir / "filenames" / "sampled_filenames.txt").read_text().split()) == 10
+        assert (run_dir / "container.log").stat().st_size > 0
+        # The container got the token (thresher saves its placeholder), and the files are the user's.
+        assert "token: '***'" in (run_dir / ".hydra" / "config.yaml").read_text()
+        assert all(path.stat().st_uid == os.getuid() for path in run_dir.rglob("*"))
+        assert f"[job {num}] " in process.stdout
+
+    assert token not in process.stdout + process.stderr
+    leaked = [path for path in tmp_path.rglob("*") if path.is_file() and token.encode() in path.read_bytes()]
+    assert leaked == []
+
+
+@pytest.mark.docker
+def test_a_failing_job_is_listed_with_its_log_and_its_exit_code(docker_client, launcher_env, tmp_path):
+    label = f"thresher_test={uuid.uuid4().hex}"
+    try:
+        process = thresher(["-m", "hydra/launcher=docker", "sampler=random",
+                            "sampler.stopping_condition.n_samples=0", *TINY,
+                            f"+hydra.launcher.labels.{label}"], launcher_env, tmp_path)
+        assert containers_labelled(docker_client, label) == []
+    finally:
+        remove_labelled(docker_client, label)
+
+    assert process.returncode != 0
+    sweep_dir = the_sweep_dir(tmp_path / "runs")
+    log_path = sweep_dir / "0" / "container.log"
+    assert "1 of 1 jobs failed" in process.stderr
+    assert f"exit 2; log: {log_path}" in process.stderr
+    assert "n_samples=0 is not allowed" in log_path.read_text()
+    [row] = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    assert (row["status"], row["exit_code"]) == ("failed", 2)
+
+
+@pytest.mark.docker
+def test_sigint_stops_and_removes_every_container_of_the_sweep(docker_client, launcher_env, tmp_path):
+    label = f"thresher_test={uuid.uuid4().hex}"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "app", "-m", "hydra/launcher=docker", "sampler=random,coreset",
+         "sampler.stopping_condition.n_samples=10", "data.n_images=30", "data.shapes_image_size=48",
+         "trainer.epochs=1000", *TINY, "hydra.launcher.max_parallel=2", f"+hydra.launcher.labels.{label}"],
+        env=launcher_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        while len(docker_client.containers.list(filters={"label": label, "status": "running"})) < 2:
+            assert sweep.poll() is None, sweep.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the sweep's containers did not start"
+            time.sleep(0.2)
+        sweep.send_signal(signal.SIGINT)
+        output, _ = sweep.communicate(timeout=180)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.communicate()
+        left_behind = containers_labelled(docker_client, label)
+        remove_labelled(docker_client, label)
+
+    assert left_behind == []
+    assert sweep.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert "sweep stopped by SIGINT: removed 2 container(s)" in output
+    summary = json.loads((the_sweep_dir(tmp_path / "runs") / "sweep_summary.json").read_text())
+    assert [row["status"] for row in summary["jobs"]] == ["interrupted", "interrupted"]
