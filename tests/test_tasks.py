@@ -180,6 +180,12 @@ def test_malformed_annotation_files_are_refused_with_one_line_naming_the_file(tm
     assert str(culprit) in message and "\n" not in message
 
 
+def test_folder_data_has_no_boxes_for_a_detector(tmp_path):
+    cfg = OmegaConf.create({"name": "folder", "input_dir": str(tmp_path)})
+    with pytest.raises(UserError, match="data=folder has no boxes or keypoints"):
+        load_annotations(cfg, tmp_path, "detection")
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +237,9 @@ def test_each_task_model_builds_takes_a_training_step_and_predicts(task, name, c
             assert outputs[0]["keypoints"].shape[1:] == (4, 3)
     if task != "classification":  # square inputs of image_size are not rescaled to 800
         assert model.transform.min_size == (64,) and model.transform.max_size == 64
+    evaluator = make_evaluator(task, Classes(4, 4 if task == "keypoints" else 0))
+    evaluator.update(outputs, targets)
+    assert all(0.0 <= value <= 1.0 for value in evaluator.compute().values())
 
 
 def test_weights_by_path_load_every_fitting_tensor_and_keep_a_new_predictor(tmp_path, caplog):
@@ -250,9 +259,10 @@ def test_weights_by_path_load_every_fitting_tensor_and_keep_a_new_predictor(tmp_
 
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())
     assert any(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.body.modules())
-    assert not model.backbone.body["0"][0].weight.requires_grad and model.roi_heads.box_predictor.cls_score.weight.requires_grad
-    body = dict(model.backbone.body.named_modules())
-    assert torch.equal(body["1.block.0.1"].running_var, dict(source.backbone.body.named_modules())["1.block.0.1"].running_var)
+    assert not model.backbone.body["0"][0].weight.requires_grad
+    assert model.roi_heads.box_predictor.cls_score.weight.requires_grad
+    ours, theirs = dict(model.backbone.body.named_modules()), dict(source.backbone.body.named_modules())
+    assert torch.equal(ours["1.block.0.1"].running_var, theirs["1.block.0.1"].running_var)
 
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="no tensor that fits"):

@@ -13,7 +13,7 @@ Batches (what `collate_fn(task)` makes and what `training_loss` / `predict` take
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torchvision
@@ -202,7 +202,3 @@ def predict(model: nn.Module, images) -> List[dict]:
     finally:
         model.train(was_training)
 
-
-def parameter_groups(model: nn.Module) -> Sequence[nn.Parameter]:
-    """The parameters to optimise: frozen backbone layers are left out."""
-    return [p for p in model.parameters() if p.requires_grad]
