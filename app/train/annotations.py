@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -118,19 +118,16 @@ def _read_coco_json(path: Path, key: str) -> dict:
     return coco
 
 
-def _number_list(path: Path, what: str, values, length: Optional[int]) -> List[float]:
-    ok = isinstance(values, list) and (length is None or len(values) == length)
-    if ok:
+def _numbers(path: Path, what: str, values, length: int) -> np.ndarray:
+    """values as float64 [length], or a one-line error naming the file (numpy: COCO files are large)."""
+    numbers = None
+    if isinstance(values, list) and len(values) == length:
         try:
-            numbers = [float(v) for v in values]
+            numbers = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError):
-            ok = False
-        else:
-            ok = all(math.isfinite(v) for v in numbers)
-    if not ok:
-        shown = json.dumps(values)[:80]
-        size = f"{length} " if length is not None else ""
-        raise _bad(path, f"{what} must be a list of {size}finite numbers, got {shown}")
+            numbers = None
+    if numbers is None or numbers.shape != (length,) or not np.isfinite(numbers).all():
+        raise _bad(path, f"{what} must be a list of {length} finite numbers, got {json.dumps(values)[:80]}")
     return numbers
 
 
@@ -165,7 +162,7 @@ def load_coco(path: Path, task: str, key: str = "data.annotations") -> Annotatio
 
     boxes: Dict[str, List[List[float]]] = defaultdict(list)
     labels: Dict[str, List[int]] = defaultdict(list)
-    keypoints: Dict[str, List[List[float]]] = defaultdict(list)
+    keypoints: Dict[str, List[np.ndarray]] = defaultdict(list)
     n_degenerate = n_crowd = n_without_keypoints = 0
     label_of = {cid: i for i, cid in enumerate(sorted_ids)}
     for annotation in coco.get("annotations", []):
@@ -184,15 +181,15 @@ def load_coco(path: Path, task: str, key: str = "data.annotations") -> Annotatio
         if task == "classification":
             labels[file_name].append(label_of[annotation["category_id"]])
             continue
-        x, y, w, h = _number_list(path, f"{where}: 'bbox'", annotation.get("bbox"), 4)
+        x, y, w, h = _numbers(path, f"{where}: 'bbox'", annotation.get("bbox"), 4).tolist()
         points = None
         if task == "keypoints":
             raw = annotation.get("keypoints")
             if not raw:
                 n_without_keypoints += 1
                 continue
-            points = _number_list(path, f"{where}: 'keypoints'", raw, 3 * num_keypoints)
-            if not any(v > 0 for v in points[2::3]):
+            points = _numbers(path, f"{where}: 'keypoints'", raw, 3 * num_keypoints)
+            if not (points[2::3] > 0).any():
                 n_without_keypoints += 1
                 continue
         if w <= 0 or h <= 0:
@@ -229,12 +226,13 @@ def load_coco(path: Path, task: str, key: str = "data.annotations") -> Annotatio
                        keypoint_names=keypoint_names, skipped=skipped, source=str(path))
 
 
-def _target(boxes: List[List[float]], labels: List[int], keypoints: Optional[List[List[float]]],
+def _target(boxes: List[List[float]], labels: List[int], keypoints: Optional[List[np.ndarray]],
             num_keypoints: int) -> dict:
     target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
               "labels": torch.tensor(labels, dtype=torch.int64)}
     if keypoints is not None or num_keypoints:
-        target["keypoints"] = torch.tensor(keypoints or [], dtype=torch.float32).reshape(-1, num_keypoints, 3)
+        stacked = np.stack(keypoints) if keypoints else np.zeros((0, 3 * num_keypoints))
+        target["keypoints"] = torch.from_numpy(stacked.astype(np.float32)).reshape(-1, num_keypoints, 3)
     return target
 
 
