@@ -192,6 +192,10 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
         resuming = bool(summary.data) and not cfg.overwrite
         save_configs(cfg, run_dir, hydra_cfg)
         check_stage_inputs(cfg, run_dir)
+        if "train" in cfg.stages and not cfg.sanity_check:
+            from app.train.loop import check_train_config
+
+            check_train_config(cfg)
         install_signal_handlers()
         summary.data.update(status="running", started_at=utc_now(), run_directory=str(run_dir),
                             stages_requested=list(cfg.stages))

@@ -176,8 +176,8 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes(env, tmp_pat
     summary = summary_of(run_dir)
     assert summary["status"] == "interrupted"
     assert summary["stages"]["train"]["status"] == "interrupted"
-    saved = torch.load(checkpoint, weights_only=False)
-    assert saved["epoch"] >= 1 and saved["partial_epoch"] is True
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] >= 1 and saved["epoch"] < 200
 
     rerun = thresher([*SMALL, "run_directory=stopped", "sampler=none"], env, tmp_path)
     assert rerun.returncode == 0, rerun.stderr

@@ -1,184 +1,410 @@
-"""Train stage: fit the torchvision classifier on the selected images.
+"""Train stage: fit a torchvision classifier, detector or keypoint model on the selected images.
 
 Reads the scan's `data/input_files.csv` and, when the select stage ran, its
-`filenames/sampled_filenames.txt`; writes `checkpoints/last.pt` after every epoch (and on
-SIGTERM/SIGINT) and `metrics.json`.
+`filenames/sampled_filenames.txt`. Writes `checkpoints/last.pt` after every epoch and when stopped
+(SIGTERM/SIGINT, at a step boundary), `checkpoints/best.pt` by the key metric, snapshots every
+`save_epochs`, and `metrics.csv`/`metrics.json`. A rerun in the same run directory continues
+from `last.pt` at the batch where it stopped.
+
+The loop reads top to bottom like torchvision's references: build, maybe resume, then for each
+epoch train (one `train_step` a batch), evaluate, step the scheduler, save.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from app import atomic
-from app.config import UserError
-from app.data.images import ImageFiles, image_transform, make_loader
-from app.data.scan import DATASET, INPUT_FILES, read_input_files
-from app.device import loader_workers
-from app.models import build_classifier
 from app.progress import Progress
-from app.sampling.select import SAMPLED
+from app.run import Interrupted
+from app.train import checkpoints
+from app.train.data import EpochBatches, TrainingImages, loader_settings, make_collate, training_data
+from app.train.loggers import MetricLoggers, write_metrics_csv
+from app.train.optim import build_optimizer, build_scheduler, check_optim_config, step_scheduler
+from app.train.stopping import stop_at_step_boundary
 
 log = logging.getLogger("thresher")
 
-LAST_CHECKPOINT = "checkpoints/last.pt"
 METRICS = "metrics.json"
+KEY_METRICS = {"classification": "val_top1", "detection": "val_map", "keypoints": "val_keypoints_map"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: continuing would only spread it through the weights."""
 
 
 @dataclass
 class TrainResult:
+    task: str
+    model: str
     n_train: int
     n_val: int
     epochs: int
     train_loss: float
-    train_accuracy: float
-    val_accuracy: Optional[float]
+    key_metric: str
+    key_metric_value: Optional[float]
+    best_epoch: int
     images_per_s: float
-    artifacts: List[str] = field(default_factory=lambda: [LAST_CHECKPOINT, METRICS])
+    compute_efficiency: float
+    processes: int = 1
+    resumed_from: Optional[str] = None
+    artifacts: List[str] = field(default_factory=lambda: [checkpoints.LAST, checkpoints.BEST, METRICS,
+                                                          "metrics.csv"])
 
 
-def training_files(run_dir: Path):
-    """The labelled images to train on: the selection when there is one, else every usable image."""
-    files, labels = read_input_files(run_dir / INPUT_FILES)
-    classes = json.loads((run_dir / DATASET).read_text())["classes"]
-    input_dir = Path(json.loads((run_dir / DATASET).read_text())["input_dir"])
-    if (run_dir / SAMPLED).is_file():
-        selected = set(atomic.read_lines(run_dir / SAMPLED))
-        pairs = [(f, label) for f, label in zip(files, labels) if f in selected]
-    else:
-        pairs = list(zip(files, labels))
-    unlabelled = sum(1 for _, label in pairs if label < 0)
-    if unlabelled:
-        log.warning("train: %d selected images lie outside any class folder and are left out", unlabelled)
-    pairs = [(f, label) for f, label in pairs if label >= 0]
-    if len(classes) < 2:
-        raise UserError(f"training needs at least 2 classes, one sub-folder each, in {input_dir}; found "
-                        f"{len(classes)}: sort the images into class folders, or leave train out of stages")
-    if len(pairs) < 2:
-        raise UserError(f"training needs at least 2 labelled images; the selection has {len(pairs)}: "
-                        f"raise sampler.stopping_condition.n_samples")
-    return input_dir, classes, pairs
+@dataclass
+class Position:
+    """Where training stands: `epoch` complete epochs, then `batch` batches of the next one."""
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    sums: Dict[str, float] = field(default_factory=dict)
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    best: Optional[Dict[str, Any]] = None
 
 
-def split_validation(n: int, val_fraction: float, seed: int):
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = min(int(round(val_fraction * n)), n - 1)
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+def check_train_config(cfg: DictConfig) -> None:
+    """Checks that need torch, run before the first stage so a typo does not wait for the selection."""
+    check_optim_config(cfg.trainer)
 
 
 def train_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> TrainResult:
-    trainer = cfg.trainer
-    input_dir, classes, pairs = training_files(run_dir)
-    train_idx, val_idx = split_validation(len(pairs), trainer.val_fraction, cfg.seed)
-    files = [f for f, _ in pairs]
-    labels = [label for _, label in pairs]
-    log.info("train: %s on %d images (%d for validation), %d classes, %d epochs, device %s",
-             cfg.model.name, len(train_idx), len(val_idx), len(classes), trainer.epochs, device)
+    from app.train.distributed import launch_if_distributed
 
-    torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg.model.name, len(classes), cfg.model.weights).to(device)
-    optimizer = getattr(torch.optim, trainer.optimizer.type)(model.parameters(), **trainer.optimizer.params)
-    loss_function = nn.CrossEntropyLoss()
-    workers = loader_workers(cfg.hardware.num_workers, device)
-    pin = device.type == "cuda"
-    train_set = ImageFiles(input_dir, [files[i] for i in train_idx], [labels[i] for i in train_idx],
-                           image_transform(cfg.data.image_size, train=True))
-    val_set = ImageFiles(input_dir, [files[i] for i in val_idx], [labels[i] for i in val_idx],
-                         image_transform(cfg.data.image_size))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = make_loader(train_set, trainer.batch_size, workers, shuffle=True, generator=generator,
-                               pin_memory=pin)
-    val_loader = make_loader(val_set, trainer.batch_size, workers, pin_memory=pin)
+    launched = launch_if_distributed(cfg, run_dir, device)
+    if launched is not None:
+        return TrainResult(**launched)
+    return fit(cfg, run_dir, device)
 
-    history: List[Dict] = []
-    completed = 0
+
+def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainResult:
+    from app.data.augment import build_transform, input_size_ok
+    from app.train.metrics import make_evaluator
+    from app.train.task_models import build_model
+
+    trainer, task = cfg.trainer, cfg.model.task
+    main_process = rank == 0
+    set_determinism(trainer.deterministic, device)
+    data = training_data(cfg, run_dir)
+    key_metric, key_mode = key_metric_for(trainer, task, bool(data.val_index))
+    if main_process:
+        log.info("train: %s (%s) on %d images, %d for validation, %d classes, %d epochs, batch %d%s, device %s",
+                 cfg.model.name, task, len(data.train_index), len(data.val_index), len(data.classes),
+                 trainer.epochs, trainer.batch_size, f" x {world_size} processes" if world_size > 1 else "", device)
+
+    model = build_model(task, cfg.model.name, len(data.classes), data.num_keypoints, cfg.model.weights,
+                        cfg.data.image_size).to(device)
+    if trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(trainer.optimizer, model.parameters())
+    scheduler = build_scheduler(trainer.scheduler, optimizer)
+    amp_dtype = autocast_dtype(trainer.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    split_id = fingerprint([data.files[i] for i in data.train_index])
+    position = Position()
+    last = checkpoints.latest(run_dir)
+    if last is not None:
+        position = resume(last, model, optimizer, scheduler, scaler, task, cfg.model.name, data.classes, split_id)
+        if main_process:
+            log.info("train: resuming from %s: %d epoch(s) done, then %d batch(es) of epoch %d", last,
+                     position.epoch, position.batch, position.epoch + 1)
+    resumed_from = f"epoch {position.epoch}, batch {position.batch}" if last is not None else None
+
+    trained = model  # what is called in the loop; `model` stays the plain module that is saved
+    if world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if trainer.compile:
+        trained = torch.compile(trained)
+
+    image_shape = (cfg.data.augment.resize.height or cfg.data.image_size,
+                   cfg.data.augment.resize.width or cfg.data.image_size)
+    settings = loader_settings(cfg.hardware, device, trainer.batch_size, image_shape)
+    collate = make_collate(task, data.targets)
+    normalize = task == "classification"
+    train_set = TrainingImages(data.input_dir, data.files, data.targets,
+                               build_transform(cfg.data.augment, cfg.data.image_size, train=True, normalize=normalize),
+                               size_ok=lambda w, h: input_size_ok(w, h, cfg.data.augment))
+    val_set = TrainingImages(data.input_dir, data.files, data.targets,
+                             build_transform(cfg.data.augment, cfg.data.image_size, train=False, normalize=normalize))
+    batches = EpochBatches(data.train_index, trainer.batch_size, cfg.seed, shuffle=True, rank=rank,
+                           world_size=world_size)
+    loader_generator = torch.Generator()
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
+                                               generator=loader_generator, **settings)
+    val_batches = EpochBatches(data.val_index, trainer.batch_size, cfg.seed, shuffle=False)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_batches, collate_fn=collate, **settings)
+
+    config = OmegaConf.to_container(cfg, resolve=False)
+    loggers = MetricLoggers(run_dir, cfg.logger, config, resume_step=position.step) if main_process else None
+
+    def save_state(path: Path, position: Position) -> None:
+        checkpoints.save(path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "epoch": position.epoch, "batch": position.batch,
+            "global_step": position.step, "sums": position.sums, "history": position.history,
+            "best": position.best, "rng": checkpoints.rng_state(), "task": task, "model_name": cfg.model.name,
+            "classes": list(data.classes), "num_keypoints": data.num_keypoints,
+            "image_size": cfg.data.image_size, "split": split_id, "config": config})
+
     try:
-        for epoch in range(1, trainer.epochs + 1):
-            record = train_one_epoch(model, optimizer, loss_function, train_loader, device,
-                                     f"train {epoch}/{trainer.epochs}", len(train_set))
-            completed = epoch
-            record["epoch"] = epoch
-            record["val_accuracy"] = evaluate(model, val_loader, device) if len(val_set) else None
-            history.append(record)
-            log.info("epoch %d/%d: loss %.4f, train accuracy %.3f, val accuracy %s, %.1f img/s", epoch,
-                     trainer.epochs, record["train_loss"], record["train_accuracy"],
-                     "n/a" if record["val_accuracy"] is None else f"{record['val_accuracy']:.3f}",
-                     record["images_per_s"])
-            save_checkpoint(run_dir, model, optimizer, epoch, cfg, classes)
-            write_metrics(run_dir, history, len(train_set), len(val_set), classes)
-    except BaseException:
-        # SIGTERM mid-epoch: keep the weights as they are, marked with the last complete epoch.
-        save_checkpoint(run_dir, model, optimizer, completed, cfg, classes, partial_epoch=True)
-        raise
-    last = history[-1]
-    return TrainResult(n_train=len(train_set), n_val=len(val_set), epochs=trainer.epochs,
-                       train_loss=round(last["train_loss"], 5),
-                       train_accuracy=round(last["train_accuracy"], 4),
-                       val_accuracy=None if last["val_accuracy"] is None else round(last["val_accuracy"], 4),
-                       images_per_s=round(float(np.mean([h["images_per_s"] for h in history])), 2))
+        with stop_at_step_boundary() as stop:
+            for epoch in range(position.epoch, trainer.epochs):
+                batches.set_epoch(epoch, position.batch)
+                loader_generator.manual_seed(cfg.seed * 1_000_003 + epoch)
+                if position.batch == 0:
+                    position.sums = {}
+                desc = f"train {epoch + 1}/{trainer.epochs}"
+                stopped = train_one_epoch(trained, optimizer, scaler, amp_dtype, train_loader, device, position,
+                                          trainer.grad_clip_norm, trainer.channels_last, stop, world_size,
+                                          loggers, desc, batches.n_samples(), main_process)
+                if stopped:
+                    if main_process:
+                        save_state(run_dir / checkpoints.LAST, position)
+                        log.warning("train: stopped at epoch %d, batch %d; saved %s", epoch + 1, position.batch,
+                                    checkpoints.LAST)
+                    raise Interrupted(stop.signum)
+                record = epoch_record(epoch, position, optimizer)
+                if main_process and data.val_index:
+                    evaluator = make_evaluator(task, data.annotations)
+                    if not evaluate(model, val_loader, device, evaluator, amp_dtype, trainer.channels_last, stop):
+                        save_state(run_dir / checkpoints.LAST, position)
+                        raise Interrupted(stop.signum)
+                    record.update(evaluator.compute())
+                step_scheduler(scheduler, record, key_metric)
+                position.epoch, position.batch, position.sums = epoch + 1, 0, {}
+                position.history.append(record)
+                if main_process:
+                    finish_epoch(run_dir, position, record, key_metric, key_mode, trainer, save_state, loggers,
+                                 data, cfg)
+                if world_size > 1:
+                    torch.distributed.barrier()
+    finally:
+        if loggers is not None:
+            loggers.close()
+    final = position.history[-1]
+    best = position.best or {}
+    return TrainResult(
+        task=task, model=cfg.model.name, n_train=len(data.train_index), n_val=len(data.val_index),
+        epochs=trainer.epochs, train_loss=round(final["train_loss"], 5), key_metric=key_metric,
+        key_metric_value=_rounded(final.get(key_metric)), best_epoch=int(best.get("epoch", final["epoch"])),
+        images_per_s=round(sum(h["images_per_s"] for h in position.history) / len(position.history), 2),
+        compute_efficiency=round(final["compute_efficiency"], 3), processes=world_size, resumed_from=resumed_from)
 
 
-def train_one_epoch(model, optimizer, loss_function, loader, device, desc: str, total: int) -> Dict:
+def train_one_epoch(model, optimizer, scaler, amp_dtype, loader, device, position: Position, clip_norm,
+                    channels_last: bool, stop, world_size: int, loggers, desc: str, total: int,
+                    main_process: bool) -> bool:
+    """Train the rest of an epoch from `position.batch`; True when a stop was requested."""
     model.train()
-    seen = correct = 0
-    loss_sum = 0.0
-    began = time.perf_counter()
-    with Progress(total, desc) as bar:
-        for images, targets, _, failed in loader:
-            if failed:
-                log.warning("train: %d image(s) failed to load and were skipped", len(failed))
-            if len(targets) == 0:
-                bar.update(len(failed))
-                continue
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            logits = model(images)
-            loss = loss_function(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            batch = len(targets)
-            loss_sum += float(loss.detach()) * batch
-            correct += int((logits.argmax(1) == targets).sum())
-            seen += batch
-            bar.update(batch + len(failed), loss=loss_sum / seen)
-    elapsed = time.perf_counter() - began
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-            "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+    sums = position.sums
+    # Only the first process shows progress; the others would repeat it.
+    with Progress(total, desc, live=None if main_process else False, every_s=10.0 if main_process else 1e12) as bar:
+        bar.update(min(position.batch * loader.batch_sampler.batch_size, total))
+        iterator = iter(loader)
+        waited_since = time.perf_counter()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            except Exception:
+                if stop:  # Ctrl-C reached the loader's workers too
+                    return True
+                raise
+            images, targets, _, failures = batch
+            if failures:
+                log.warning("train: %d image(s) skipped: %s", len(failures), failures[0][1])
+            computing_since = time.perf_counter()
+            if images is not None:
+                loss, parts = train_step(model, optimizer, scaler, amp_dtype, images, targets, device, clip_norm,
+                                         channels_last)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"the training loss became {loss} at epoch {position.epoch + 1}, batch "
+                                           f"{position.batch + 1}: lower trainer.optimizer.params.lr, set "
+                                           f"trainer.grad_clip_norm, or use trainer.amp=bf16 instead of fp16")
+                n = len(images)
+                sums["loss"] = sums.get("loss", 0.0) + loss * n
+                sums["seen"] = sums.get("seen", 0) + n
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + value * n
+            done = time.perf_counter()
+            sums["compute_s"] = sums.get("compute_s", 0.0) + done - computing_since
+            sums["wait_s"] = sums.get("wait_s", 0.0) + computing_since - waited_since
+            waited_since = done
+            position.batch += 1
+            position.step += 1
+            if loggers is not None and images is not None:
+                loggers.log_step(position.step, {"loss": loss, **parts, "lr": optimizer.param_groups[0]["lr"]})
+            seen = max(sums.get("seen", 0), 1)
+            bar.update((0 if images is None else len(images)) + len(failures), loss=sums.get("loss", 0.0) / seen,
+                       eff=sums["compute_s"] / max(sums["compute_s"] + sums["wait_s"], 1e-9))
+            if _any_rank(bool(stop), world_size, device):
+                return True
+    return False
+
+
+def train_step(model, optimizer, scaler, amp_dtype, images, targets, device, clip_norm, channels_last: bool):
+    """One optimisation step; returns (loss, its parts) as Python floats."""
+    from app.train.task_models import training_loss
+
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = _to_device(targets, device)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss, parts = training_loss(model, images, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_norm is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach()), {k: float(v) for k, v in parts.items()}
 
 
 @torch.inference_mode()
-def evaluate(model, loader, device) -> float:
+def evaluate(model, loader, device, evaluator, amp_dtype, channels_last: bool, stop) -> bool:
+    """Feed the validation set to `evaluator`; False when a stop was requested midway."""
+    from app.train.task_models import predict
+
     model.eval()
-    seen = correct = 0
-    for images, targets, _, _ in loader:
-        if len(targets) == 0:
-            continue
-        logits = model(images.to(device, non_blocking=True))
-        correct += int((logits.argmax(1).cpu() == targets).sum())
-        seen += len(targets)
-    return correct / max(seen, 1)
+    with Progress(len(loader.batch_sampler.indices), "validate") as bar:
+        for images, targets, _, failures in loader:
+            if stop:
+                return False
+            if images is not None:
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    outputs = predict(model, images)
+                evaluator.update(_to_device(outputs, torch.device("cpu")), targets)
+            bar.update((0 if images is None else len(images)) + len(failures))
+    return True
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, epoch: int, cfg: DictConfig, classes: List[str],
-                    partial_epoch: bool = False) -> None:
-    """`epoch` counts complete epochs; `partial_epoch` marks weights saved partway through the next."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "partial_epoch": partial_epoch,
-             "model_name": cfg.model.name, "classes": classes, "image_size": cfg.data.image_size,
-             "config": OmegaConf.to_container(cfg, resolve=False)}
-    with atomic.atomic_path(run_dir / LAST_CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+def epoch_record(epoch: int, position: Position, optimizer) -> Dict[str, Any]:
+    sums = position.sums
+    seen = max(sums.get("seen", 0), 1)
+    busy = sums.get("compute_s", 0.0) + sums.get("wait_s", 0.0)
+    record = {"epoch": epoch + 1, "step": position.step, "lr": optimizer.param_groups[0]["lr"],
+              "train_loss": sums.get("loss", 0.0) / seen,
+              **{f"train_{k}": v / seen for k, v in sums.items()
+                 if k not in ("loss", "seen", "compute_s", "wait_s")},
+              "images_per_s": sums.get("seen", 0) / busy if busy else 0.0,
+              "compute_efficiency": sums.get("compute_s", 0.0) / busy if busy else 0.0}
+    return record
 
 
-def write_metrics(run_dir: Path, history: List[Dict], n_train: int, n_val: int, classes: List[str]) -> None:
-    atomic.write_json(run_dir / METRICS, {"n_train": n_train, "n_val": n_val, "classes": classes,
-                                          "epochs": history, "final": history[-1]})
+def finish_epoch(run_dir: Path, position: Position, record: Dict[str, Any], key_metric: str, key_mode: str,
+                 trainer, save_state, loggers, data, cfg) -> None:
+    value = record.get(key_metric)
+    best = position.best
+    if value is not None and (best is None or (value > best["value"] if key_mode == "max" else value < best["value"])):
+        position.best = {"epoch": record["epoch"], "metric": key_metric, "value": value}
+        save_state(run_dir / checkpoints.BEST, position)
+    if trainer.save_epochs and record["epoch"] % trainer.save_epochs == 0:
+        save_state(run_dir / checkpoints.epoch_checkpoint(record["epoch"]), position)
+    save_state(run_dir / checkpoints.LAST, position)
+    write_metrics_csv(run_dir, position.history)
+    atomic.write_json(run_dir / METRICS, {
+        "task": cfg.model.task, "model": cfg.model.name, "classes": list(data.classes),
+        "n_train": len(data.train_index), "n_val": len(data.val_index), "key_metric": key_metric,
+        "best": position.best, "epochs": position.history, "final": record})
+    loggers.log_epoch(position.step, record)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float))
+    log.info("epoch %d/%d: loss %.4f%s, %.1f img/s, compute efficiency %.2f", record["epoch"], trainer.epochs,
+             record["train_loss"], f", {shown}" if shown else "", record["images_per_s"],
+             record["compute_efficiency"])
+
+
+def resume(path: Path, model, optimizer, scheduler, scaler, task: str, model_name: str, classes,
+           split_id: str) -> Position:
+    state = checkpoints.load(path)
+    checkpoints.check_compatible(state, task, model_name, classes, path)
+    if state.get("split") not in (None, split_id):
+        from app.config import UserError
+
+        raise UserError(f"{path} was trained on another selection or validation split than this run has: "
+                        f"choose another run_directory, or overwrite=true to start again")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    checkpoints.restore_rng_state(state["rng"])
+    return Position(epoch=int(state["epoch"]), batch=int(state["batch"]), step=int(state.get("global_step", 0)),
+                    sums=dict(state.get("sums") or {}), history=list(state.get("history") or []),
+                    best=state.get("best"))
+
+
+def key_metric_for(trainer, task: str, has_validation: bool):
+    if trainer.key_metric:
+        return trainer.key_metric, trainer.key_metric_mode
+    if not has_validation:
+        return "train_loss", "min"
+    return KEY_METRICS[task], "max"
+
+
+def autocast_dtype(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """bf16 or fp16 autocast on CUDA; bf16 also on the CPU; fp16 on the CPU is not offered by torch."""
+    if amp is None:
+        return None
+    if device.type != "cuda" and amp == "fp16":
+        log.warning("trainer.amp=fp16 needs CUDA; training in float32 on %s (bf16 works on the CPU)", device)
+        return None
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16: using fp16 with a gradient scaler instead")
+        return torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def fingerprint(files: List[str]) -> str:
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """Every process stops at the same step, or the others would wait for it forever."""
+    if world_size == 1:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _rounded(value) -> Optional[float]:
+    return None if value is None else round(float(value), 5)

@@ -1,0 +1,85 @@
+"""Training checkpoints: everything needed to continue exactly where a run stopped.
+
+A checkpoint holds the model, optimizer, scheduler and AMP scaler states, the position (epoch and
+batch), every RNG state and the metric history. It is written atomically (a temp file renamed),
+so a kill while saving leaves the previous one whole; one that is damaged anyway is refused with
+a clear message instead of being loaded halfway.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from app import atomic
+from app.config import UserError
+
+LAST = "checkpoints/last.pt"
+BEST = "checkpoints/best.pt"
+REQUIRED_KEYS = ("model", "optimizer", "epoch", "batch", "rng", "task", "model_name", "classes")
+
+
+def epoch_checkpoint(epoch: int) -> str:
+    return f"checkpoints/epoch_{epoch:03d}.pt"
+
+
+def rng_state() -> Dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                       "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save(path: Path, state: Dict[str, Any]) -> None:
+    with atomic.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path: Path) -> Dict[str, Any]:
+    """A checkpoint whole, or UserError saying what is wrong with it and what to do."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"{path} is damaged and was not loaded ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:160]}): delete it to train from the start, or put "
+                        f"back a good copy") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"{path} is not a thresher training checkpoint (missing {', '.join(missing)}): "
+                        f"delete it to train from the start")
+    return state
+
+
+def check_compatible(state: Dict[str, Any], task: str, model_name: str, classes, path: Path) -> None:
+    """Resuming into another model or label set would load nonsense: refuse it."""
+    for key, wanted in (("task", task), ("model_name", model_name), ("classes", list(classes))):
+        if state[key] != wanted:
+            shown = state[key] if key != "classes" else f"{len(state[key])} classes"
+            now = wanted if key != "classes" else f"{len(wanted)} classes"
+            raise UserError(f"{path} was saved for {key} {shown!r}, this run has {now!r}: choose another "
+                            f"run_directory, or overwrite=true to start this one again")
+
+
+def latest(run_dir: Path) -> Optional[Path]:
+    path = run_dir / LAST
+    return path if path.is_file() else None

@@ -1,0 +1,259 @@
+"""What the training loop iterates over: the files to train and validate on, a dataset that
+augments each sample under its own seed, a sampler that can start mid-epoch, and loader settings
+that survive a small /dev/shm.
+
+Reproducibility rests on two choices. Every sample's augmentation runs under a seed made of
+(seed, epoch, index), so it is the same whichever worker loads it and whether or not the run was
+resumed. The shuffling is a permutation drawn from (seed, epoch), so a resumed epoch can skip the
+batches already trained and continue with exactly the ones an uninterrupted run would see.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from app import atomic
+from app.config import UserError
+from app.data.images import open_image
+from app.data.scan import DATASET, INPUT_FILES, read_input_files
+from app.sampling.select import SAMPLED
+
+log = logging.getLogger("thresher")
+
+# Docker's default /dev/shm; worker processes hand batches over through it.
+SMALL_SHM_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class TrainingData:
+    """The labelled files of a run, their split, and what the model needs to know of the labels."""
+    input_dir: Path
+    classes: List[str]
+    files: List[str]
+    # classification: an int label per file; detection/keypoints: a target dict per file.
+    targets: List[Any]
+    train_index: List[int]
+    val_index: List[int]
+    num_keypoints: int = 0
+    annotations: Any = None
+    left_out: Dict[str, str] = field(default_factory=dict)
+
+
+def selected_files(run_dir: Path) -> Tuple[Path, List[str], List[int], List[str]]:
+    """The scan's usable files (the selection, when the select stage wrote one) with their labels."""
+    files, labels = read_input_files(run_dir / INPUT_FILES)
+    dataset = json.loads((run_dir / DATASET).read_text())
+    if (run_dir / SAMPLED).is_file():
+        selected = set(atomic.read_lines(run_dir / SAMPLED))
+        pairs = [(f, label) for f, label in zip(files, labels) if f in selected]
+        files, labels = [f for f, _ in pairs], [label for _, label in pairs]
+    return Path(dataset["input_dir"]), files, labels, list(dataset["classes"])
+
+
+def training_data(cfg, run_dir: Path) -> TrainingData:
+    """Files, targets and split for `cfg.model.task`; refuses what cannot be trained on."""
+    input_dir, files, labels, folder_classes = selected_files(run_dir)
+    task = cfg.model.task
+    left_out: Dict[str, str] = {}
+    annotations = None
+    num_keypoints = 0
+    if task == "classification":
+        classes = folder_classes
+        kept = [(f, label) for f, label in zip(files, labels) if label >= 0]
+        for f, label in zip(files, labels):
+            if label < 0:
+                left_out[f] = "outside any class folder"
+        if len(classes) < 2:
+            raise UserError(f"classification needs at least 2 classes, one sub-folder each, in {input_dir}; "
+                            f"found {len(classes)}: sort the images into class folders, or set model.task")
+        files, targets = [f for f, _ in kept], [label for _, label in kept]
+    else:
+        from app.train.annotations import load_annotations
+
+        annotations = load_annotations(cfg.data, input_dir, task)
+        classes = list(annotations.classes)
+        num_keypoints = int(annotations.num_keypoints)
+        kept_files = []
+        for f in files:
+            if f in annotations.targets:
+                kept_files.append(f)
+            else:
+                left_out[f] = annotations.skipped.get(f, "no annotation")
+        files, targets = kept_files, [annotations.targets[f] for f in kept_files]
+    if left_out:
+        log.warning("train: %d selected image(s) have no %s label and are left out (e.g. %s: %s)",
+                    len(left_out), task, *next(iter(left_out.items())))
+    if len(files) < 2:
+        raise UserError(f"training needs at least 2 labelled images; the selection has {len(files)}: "
+                        f"raise sampler.stopping_condition.n_samples or check the labels")
+    train_index, val_index = split(files, cfg.trainer.val_fraction, cfg.trainer.val_filenames_file, cfg.seed)
+    return TrainingData(input_dir, classes, files, targets, train_index, val_index, num_keypoints,
+                        annotations, left_out)
+
+
+def split(files: Sequence[str], val_fraction: float, val_filenames_file: Optional[str], seed: int):
+    """(train indices, validation indices): the listed files validate, or a seeded fraction does."""
+    if val_filenames_file:
+        listed = set(atomic.read_lines(Path(val_filenames_file)))
+        val = [i for i, f in enumerate(files) if f in listed]
+        if not val:
+            raise UserError(f"trainer.val_filenames_file={val_filenames_file!r} names none of the "
+                            f"{len(files)} training images (names as in data/input_files.csv)")
+        train = [i for i, f in enumerate(files) if f not in listed]
+        if not train:
+            raise UserError(f"trainer.val_filenames_file={val_filenames_file!r} names every training image: "
+                            f"leave some to train on")
+        return train, val
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_val = min(int(round(val_fraction * len(files))), len(files) - 1)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A distinct, reproducible seed for one sample in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63)
+
+
+class TrainingImages(Dataset):
+    """Item (index, seed) -> (image, target, index, error). A file that fails to load is reported
+    with the batch and skipped, never raised. Images outside data.augment's min/max_input_size are
+    skipped the same way, with that reason."""
+
+    def __init__(self, input_dir: Path, files: Sequence[str], targets: Sequence[Any], transform: Callable,
+                 size_ok: Optional[Callable[[int, int], bool]] = None):
+        self.input_dir, self.files, self.targets = Path(input_dir), list(files), list(targets)
+        self.transform, self.size_ok = transform, size_ok
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        try:
+            image = open_image(self.input_dir, self.files[index])
+            if self.size_ok is not None and not self.size_ok(*image.size):
+                return None, None, index, f"size {image.size[0]}x{image.size[1]} outside data.augment's " \
+                                          f"min_input_size/max_input_size"
+            target = self.targets[index]
+            if seed is None:
+                tensor, target = self.transform(image, _as_target(target))
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    tensor, target = self.transform(image, _as_target(target))
+            return tensor, target, index, None
+        except Exception as error:  # decoded fine at scan time, or the check was off
+            return None, None, index, f"{type(error).__name__}: {error}"
+
+
+def _as_target(target: Any) -> Optional[dict]:
+    """Classification labels are ints and pass through the transform as None."""
+    return {k: v.clone() for k, v in target.items()} if isinstance(target, dict) else None
+
+
+def make_collate(task: str, labels: Sequence[Any]):
+    """Stack images; classification targets become a label tensor, detection targets stay a list."""
+
+    def collate(batch):
+        good = [item for item in batch if item[0] is not None]
+        failures = [(item[2], item[3]) for item in batch if item[0] is None]
+        indices = [item[2] for item in good]
+        if not good:
+            return None, None, indices, failures
+        images = torch.stack([item[0] for item in good])
+        if task == "classification":
+            targets = torch.tensor([labels[i] for i in indices], dtype=torch.long)
+        else:
+            targets = [item[1] for item in good]
+        return images, targets, indices, failures
+
+    return collate
+
+
+class EpochBatches(Sampler):
+    """Batches of (index, sample seed) for one epoch of this rank, from batch `start_batch` on.
+
+    The order is a permutation drawn from (seed, epoch), padded so every rank gets as many batches
+    (as DistributedSampler does). When training (`shuffle`), a last batch of one sample is
+    dropped, since batch norm cannot train on it.
+    """
+
+    def __init__(self, indices: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        self.indices, self.batch_size, self.seed, self.shuffle = list(indices), batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _rank_order(self) -> List[int]:
+        order = self.indices
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
+        if self.world_size > 1:
+            total = -(-len(order) // self.world_size) * self.world_size
+            order = (order * (total // max(len(order), 1) + 1))[:total]
+            order = order[self.rank::self.world_size]
+        return order
+
+    def batches(self) -> List[List[int]]:
+        order = self._rank_order()
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle and len(batches) > 1 and len(batches[-1]) == 1:
+            batches.pop()
+        return batches
+
+    def __len__(self) -> int:
+        return max(len(self.batches()) - self.start_batch, 0)
+
+    def n_samples(self) -> int:
+        """Samples in the whole epoch of this rank, the resumed part included."""
+        return sum(len(batch) for batch in self.batches())
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        for batch in self.batches()[self.start_batch:]:
+            yield [(index, sample_seed(self.seed, self.epoch, index)) for index in batch]
+
+
+def shm_bytes(path: str = "/dev/shm") -> Optional[int]:
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def loader_settings(hardware, device: torch.device, batch_size: int, image_shape: Tuple[int, int],
+                    free_shm: Optional[int] = None) -> Dict[str, Any]:
+    """DataLoader keyword arguments from the hardware group. Worker processes pass batches through
+    /dev/shm; when the batches in flight would not fit (Docker's default is 64 MB), fall back to
+    loading in the main process with a warning instead of dying with a bus error."""
+    from app.device import loader_workers
+
+    workers = loader_workers(hardware.num_workers, device)
+    prefetch = hardware.prefetch_factor or 2
+    pin = device.type == "cuda" if hardware.pin_memory is None else bool(hardware.pin_memory)
+    if workers > 0:
+        free = shm_bytes() if free_shm is None else free_shm
+        batch_bytes = batch_size * 3 * image_shape[0] * image_shape[1] * 4
+        needed = batch_bytes * workers * prefetch * 2
+        if free is not None and needed > free:
+            log.warning("/dev/shm has %d MB free, but %d workers x %d prefetched batches need about %d MB: "
+                        "loading in the main process instead (give the container more: docker run "
+                        "--shm-size=2g, or compose shm_size)", free // 2**20, workers, prefetch, needed // 2**20)
+            workers = 0
+    settings: Dict[str, Any] = {"num_workers": workers, "pin_memory": pin}
+    if workers > 0:
+        settings.update(prefetch_factor=prefetch, persistent_workers=bool(hardware.persistent_workers))
+    return settings

@@ -1,0 +1,146 @@
+"""Training on several processes: DDP through torchrun, which thresher starts itself.
+
+The run's own process does everything else (scan, embed, select, the summary) and then, when
+`hardware.nproc_per_node` or `hardware.nnodes` asks for more than one process, starts
+`python -m torch.distributed.run ... -m app.train.distributed RUN_DIR CONFIG` and waits. Each
+worker runs the same `fit` with its rank; rank 0 evaluates, saves and logs. SIGTERM/SIGINT to
+thresher is passed on to torchrun, which passes it to the workers; they stop at the same step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from app import atomic
+from app.config import UserError
+from app.run import Interrupted
+from app.secrets import redact
+
+log = logging.getLogger("thresher")
+
+WORKER_CONFIG = ".train_config.yaml"
+WORKER_RESULT = ".train_result.json"
+
+
+def processes_per_node(hardware: DictConfig, device) -> int:
+    import torch
+
+    if hardware.nproc_per_node != -1:
+        return int(hardware.nproc_per_node)
+    return max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
+
+
+def torchrun_command(hardware: DictConfig, nproc: int, run_dir: Path, config_path: Path) -> List[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--nnodes={hardware.nnodes}"]
+    if hardware.nnodes > 1:
+        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={hardware.rdzv_endpoint}",
+                    f"--rdzv-id={hardware.rdzv_id}", f"--node-rank={hardware.node_rank}"]
+    else:
+        command += ["--standalone"]
+    return command + ["-m", "app.train.distributed", str(run_dir), str(config_path)]
+
+
+def launch_if_distributed(cfg: DictConfig, run_dir: Path, device) -> Optional[Dict[str, Any]]:
+    """Run training under torchrun and return its result's fields; None when one process will do."""
+    import torch
+
+    nproc = processes_per_node(cfg.hardware, device)
+    if nproc <= 1 and cfg.hardware.nnodes == 1:
+        return None
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(f"hardware.nproc_per_node={nproc} but {torch.cuda.device_count()} GPU(s) are visible: "
+                        f"use at most that many, or -1 for one per GPU")
+    config_path = run_dir / WORKER_CONFIG
+    # Resolved so the workers see the same values; secrets stay out (the workers read them from the
+    # environment they inherit).
+    atomic.write_text(config_path, redact(OmegaConf.to_yaml(cfg, resolve=True)))
+    (run_dir / WORKER_RESULT).unlink(missing_ok=True)
+    command = torchrun_command(cfg.hardware, nproc, run_dir, config_path)
+    log.info("train: starting %d processes on this node (of %d node(s)) with torchrun", nproc, cfg.hardware.nnodes)
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        code = process.wait()
+    except Interrupted:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+    if code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT):
+        raise Interrupted(signal.SIGTERM if abs(code) in (signal.SIGTERM, 128 + signal.SIGTERM) else signal.SIGINT)
+    result_path = run_dir / WORKER_RESULT
+    if code != 0 or not result_path.is_file():
+        raise RuntimeError(f"distributed training failed (torchrun exit code {code}); the workers' errors are above "
+                           f"and in {run_dir / 'thresher.log'}")
+    result = json.loads(result_path.read_text())
+    result_path.unlink()
+    config_path.unlink(missing_ok=True)
+    return result
+
+
+def _configure_worker_logging(run_dir: Path, rank: int) -> None:
+    from app.secrets import install_redaction, register_environment_secrets
+
+    register_environment_secrets()
+    formatter = logging.Formatter(f"[%(asctime)s][rank {rank}][%(levelname)s] - %(message)s")
+    logger = logging.getLogger("thresher")
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "thresher.log"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    install_redaction()
+
+
+def worker_main(argv: List[str]) -> int:
+    """One torchrun worker: join the process group, train, report (rank 0)."""
+    import torch
+    import torch.distributed as dist
+
+    from app.run import install_signal_handlers, seed_everything
+    from app.train.loop import fit
+
+    run_dir, config_path = Path(argv[0]), Path(argv[1])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    _configure_worker_logging(run_dir, rank)
+    cfg = OmegaConf.load(config_path)
+    if cfg.hardware.device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = cfg.hardware.ddp_backend or ("nccl" if device.type == "cuda" else "gloo")
+    install_signal_handlers()
+    dist.init_process_group(backend=backend)
+    try:
+        seed_everything(cfg.seed)
+        result = fit(cfg, run_dir, device, rank=rank, world_size=world_size)
+        if rank == 0:
+            atomic.write_json(run_dir / WORKER_RESULT, asdict(result))
+        return 0
+    except Interrupted as stop:
+        return 128 + stop.signum
+    except UserError as error:
+        print(f"thresher: error: {redact(str(error))}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
