@@ -486,6 +486,11 @@ def validate(cfg: DictConfig) -> None:
 
     _validate_data(cfg.data, needs_input="scan" in stages or cfg.sanity_check)
     _validate_work_dir(cfg.work_dir)
+    if is_url(cfg.data.get("input_dir")) or is_url(cfg.work_dir):
+        # every stage of this process (and its forked loader workers) reaches the buckets with these
+        from app.data.sources import configure_storage
+
+        configure_storage(OmegaConf.to_container(cfg.storage_options, resolve=True))
     if cfg.overwrite and cfg.resume:
         raise _refuse("resume", True, "choose overwrite=true or resume=true, not both")
 

@@ -2,8 +2,9 @@
 skipped and reported with the batch, never raised, so one bad file cannot end a run."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -23,8 +24,25 @@ def image_transform(image_size: int, train: bool = False) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def open_image(root: Path, name: str) -> Image.Image:
-    """The RGB image `name` under `root`: the one place stages read an input image."""
+def open_image(root: Union[Path, str], name: str) -> Image.Image:
+    """The RGB image `name` under `root`: the one place stages read an input image.
+
+    `root` is a folder or a bucket URL; `name` is an image file, or a video frame named as lightly
+    names them (`drive-042-mp4.png`: frame 42 of drive.mp4), decoded from the video (each thread
+    keeps a few videos open, so reading frames in order decodes each frame once).
+    """
+    from app.data.sources import source_for
+    from app.data.video import parse_frame_name, read_frame
+
+    source = source_for(root)
+    frame = parse_frame_name(name)
+    if frame is not None and (source.is_url or not source.local_path(name).is_file()):
+        video, number = frame
+        opener = (lambda: source.open(video)) if source.is_url else (lambda: str(source.local_path(video)))
+        return read_frame(f"{source.location}/{video}", opener, number).convert("RGB")
+    if source.is_url:
+        with Image.open(io.BytesIO(source.read_bytes(name))) as image:
+            return image.convert("RGB")
     with Image.open(Path(root) / name) as image:
         return image.convert("RGB")
 

@@ -1,5 +1,9 @@
-"""Scan stage: list the input images, decode each one fully, set aside the corrupt ones and the
-exact duplicates.
+"""Scan stage: list the input images and videos, decode each image and video frame fully, set
+aside the corrupt ones and the exact duplicates.
+
+The input is a folder or a bucket prefix (`data.input_dir=s3://bucket/prefix`, app/data/sources.py);
+videos are expanded into frames named as lightly names them (app/data/video.py), and their
+frames are streamed, one decoded frame at a time per video. `data/videos.json` describes them.
 
 Writes `data/input_files.csv` (filenames,labels: the images to use), `data/dataset.json` (input
 folder, class names), `filenames/corrupt_filenames.txt` (`filename<TAB>reason`),
@@ -20,13 +24,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from app import atomic
-from app.config import UserError, shapes_cache_dir
+from app.config import UserError, is_url, shapes_cache_dir
+from app.data.sources import Source, bounded_map, datasource_state_path, load_seen, save_seen, source_for
+from app.data.video import VIDEO_EXTENSIONS, is_video, scan_video
 from app.progress import Progress
 
 log = logging.getLogger("thresher")
@@ -37,6 +43,7 @@ DATASET = "data/dataset.json"
 CORRUPT_FILES = "filenames/corrupt_filenames.txt"
 DUPLICATE_FILES = "filenames/duplicate_filenames.txt"
 MISSING_FILES = "filenames/missing_filenames.txt"
+VIDEOS = "data/videos.json"
 
 
 @dataclass
@@ -48,19 +55,25 @@ class ScanResult:
     n_missing: int
     n_classes: int
     input_dir: str
+    n_videos: int = 0
+    n_video_frames: int = 0
+    # datasource.process_all=false on a bucket: objects skipped because an earlier run saw them.
+    n_already_seen: Optional[int] = None
     artifacts: List[str] = field(default_factory=lambda: [INPUT_FILES, DATASET, CORRUPT_FILES,
                                                           DUPLICATE_FILES, MISSING_FILES])
 
 
-def resolve_input_dir(data: DictConfig) -> Path:
-    """The folder the images are in (file names are relative to it); for `shapes`, generated into
-    the cache first."""
+def resolve_input_dir(data: DictConfig) -> Union[Path, str]:
+    """The folder the images are in (file names are relative to it), or a bucket URL as a string;
+    for `shapes`, generated into the cache first."""
     if data.name == "shapes":
         from app.data.shapes import ensure_shapes
 
         return ensure_shapes(shapes_cache_dir(), data.n_images, data.shapes_image_size, data.n_corrupt)
     if data.name == "oxford_pet":  # only images/ holds inputs; annotations/trimaps/*.png are masks
         return Path(data.root) / "images"
+    if is_url(data.input_dir):
+        return str(data.input_dir).rstrip("/")
     return Path(data.input_dir)
 
 
@@ -97,15 +110,20 @@ def corruption_reason(path: Path, data: Optional[bytes] = None) -> Optional[str]
     return None
 
 
-def inspect_file(path: Path, decode: bool, digest: bool) -> Tuple[Optional[str], Optional[str]]:
-    """(corruption reason or None, SHA-256 of the bytes or None), reading the file once."""
+def inspect_file(path: Union[Path, Callable[[], bytes]], decode: bool,
+                 digest: bool) -> Tuple[Optional[str], Optional[str]]:
+    """(corruption reason or None, SHA-256 of the bytes or None), reading the file (a path, or a
+    function that reads a bucket object) once."""
+    read = path if callable(path) else path.read_bytes
     try:
-        data = path.read_bytes() if (decode or digest) else None
+        data = read() if (decode or digest) else None
     except PermissionError:
         return "unreadable: permission denied", None
     except OSError as error:
         return f"unreadable: {error.strerror or error}", None
-    reason = corruption_reason(path, data) if decode else None
+    except Exception as error:  # a bucket's read errors, already retried by its filesystem
+        return f"unreadable: {type(error).__name__}: {error}", None
+    reason = corruption_reason(Path("."), data) if decode else None
     sha = hashlib.sha256(data).hexdigest() if digest and data is not None and reason is None else None
     return reason, sha
 
@@ -123,12 +141,38 @@ def read_relevant_filenames(list_file: Path, input_dir: Path) -> Tuple[List[str]
         path = (input_dir / name)
         if Path(name).is_absolute() or not path.resolve().is_relative_to(root):
             missing.append((entry, "outside the input folder"))
-        elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-            missing.append((entry, "not an image file name"))
+        elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
+            missing.append((entry, "not an image or video file name"))
         elif not path.is_file():
             missing.append((entry, "no such file"))
         else:
             present.add(name)
+    return sorted(present), missing
+
+
+def read_relevant_objects(list_file: str, source: Source) -> Tuple[List[Tuple[str, Optional[str]]],
+                                                                   List[Tuple[str, str]]]:
+    """For a bucket: the listed objects that exist, with their ETags, and the entries that do not.
+    One metadata request per entry, in parallel; the bucket is never listed."""
+    import fsspec
+
+    with fsspec.open(list_file, "rt", encoding="utf-8") as handle:
+        entries = [line.strip() for line in handle.read().splitlines()]
+    names, missing = [], []
+    for entry in dict.fromkeys(e for e in entries if e and not e.startswith("#")):
+        name = entry.removeprefix("./")
+        if name.startswith("/") or ".." in name.split("/"):
+            missing.append((entry, "outside the input folder"))
+        elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
+            missing.append((entry, "not an image or video file name"))
+        else:
+            names.append(name)
+    present = []
+    for name, etag in zip(names, bounded_map(source.etag, names, workers=16)):
+        if etag is None:
+            missing.append((name, "no such object"))
+        else:
+            present.append((name, etag))
     return sorted(present), missing
 
 
@@ -143,53 +187,118 @@ def labels_for(files: List[str]) -> Tuple[List[str], List[int]]:
 
 def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     input_dir = resolve_input_dir(cfg.data)
-    if not input_dir.is_dir():
-        raise UserError(f"data.input_dir={str(input_dir)!r} is not a folder")
+    if is_url(input_dir) and cfg.get("storage_options") is not None:
+        from omegaconf import OmegaConf
+
+        from app.data.sources import configure_storage
+
+        configure_storage(OmegaConf.to_container(cfg.storage_options, resolve=True))
+    source = source_for(input_dir)
+    if not source.exists():
+        raise UserError(f"data.input_dir={str(input_dir)!r} is not a folder" +
+                        (" or a bucket prefix that this machine can read" if source.is_url else ""))
     missing: List[Tuple[str, str]] = []
     relevant = cfg.data.get("relevant_filenames_file")
-    if relevant:
-        files, missing = read_relevant_filenames(Path(relevant), input_dir)
-        for entry, why in missing:
-            log.warning("relevant_filenames_file entry skipped: %s (%s)", entry, why)
+    if relevant and source.is_url:
+        listed, missing = read_relevant_objects(relevant, source)
+    elif relevant:
+        names, missing = read_relevant_filenames(Path(relevant), Path(input_dir))
+        listed = [(name, None) for name in names]
     else:
-        files = list_images(input_dir)
-    if not files:
+        listed = list(source.list_files(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
+    for entry, why in missing:
+        log.warning("relevant_filenames_file entry skipped: %s (%s)", entry, why)
+
+    already_seen, seen, state_path = None, {}, None
+    datasource = cfg.get("datasource")
+    if source.is_url and datasource is not None and not datasource.process_all:
+        state_path = datasource_state_path(cfg.work_dir, source.location)
+        seen = load_seen(state_path)
+        fresh = [(name, etag) for name, etag in listed if seen.get(name) != etag]
+        already_seen = len(listed) - len(fresh)
+        if already_seen:
+            log.info("scan: %d objects of %s were seen by an earlier run and are skipped "
+                     "(datasource.process_all=true scans them again)", already_seen, source)
+        if listed and not fresh:
+            raise UserError(f"no new objects under {source}: all {len(listed)} were processed by an earlier run "
+                            f"(state in {state_path}); set datasource.process_all=true to process them again")
+        listed = fresh
+    names = sorted(name for name, _ in listed)
+    images = [name for name in names if not is_video(name)]
+    videos = [name for name in names if is_video(name)]
+    if not names:
         where = f"listed in {relevant}" if relevant else f"under {input_dir}"
-        raise UserError(f"no images {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    classes, labels = labels_for(files)
+        raise UserError(f"no images or videos {where} (looked for "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))})")
 
     corrupt: List[Tuple[str, str]] = []
     duplicates: List[Tuple[str, str]] = []
     decode, digest = bool(cfg.enable_corruptness_check), bool(cfg.remove_exact_duplicates)
-    if decode or digest:
-        first_with_digest = {}
-        workers = min(8, 2 * (os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers) as pool, Progress(len(files), "scan") as bar:
-            inspected = pool.map(lambda f: inspect_file(input_dir / f, decode, digest), files, chunksize=16)
-            for name, (reason, sha) in zip(files, inspected):
-                if reason is not None:
-                    corrupt.append((name, reason))
-                    log.warning("corrupt image skipped: %s (%s)", name, reason)
-                elif sha is not None:
-                    if sha in first_with_digest:
-                        duplicates.append((name, first_with_digest[sha]))
-                    else:
-                        first_with_digest[sha] = name
+    first_with_digest: Dict[str, str] = {}
+    workers = min(16 if source.is_url else 8, 2 * (os.cpu_count() or 1))
+
+    def check(name: str, reason: Optional[str], sha: Optional[str]) -> None:
+        if reason is not None:
+            corrupt.append((name, reason))
+            log.warning("corrupt image skipped: %s (%s)", name, reason)
+        elif sha is not None:
+            if sha in first_with_digest:
+                duplicates.append((name, first_with_digest[sha]))
+            else:
+                first_with_digest[sha] = name
+
+    frames: List[str] = []
+    video_info: Dict[str, dict] = {}
+    with Progress(len(images) + len(videos), "scan") as bar:
+        if decode or digest:
+            reader = (lambda name: inspect_file(lambda: source.read_bytes(name), decode, digest)) if source.is_url \
+                else (lambda name: inspect_file(source.local_path(name), decode, digest))
+            for name, (reason, sha) in zip(images, bounded_map(reader, images, workers, window=64)):
+                check(name, reason, sha)
                 bar.update(1)
+        else:
+            bar.update(len(images))
+        threshold = float(cfg.get("corruptness_check", {}).get("corruption_threshold", 0.1))
+        use_metadata = bool(datasource is not None and datasource.use_frame_count_metadata)
+
+        def scan_one(video: str):
+            opener = (lambda: source.open(video)) if source.is_url else (lambda: str(source.local_path(video)))
+            return scan_video(opener, video, decode, digest, threshold, use_metadata)
+
+        # a few videos at a time: each holds one decoded frame and its demuxer's buffers
+        for found in bounded_map(scan_one, videos, workers=min(4, workers), window=min(4, workers)):
+            if found.problem:
+                corrupt.append((found.video, found.problem))
+                log.warning("video %s: %s", found.video, found.problem)
+            for name, reason, sha in found.frames:
+                frames.append(name)
+                check(name, reason, sha)
+            video_info[found.video] = found.summary()
+            bar.update(1)
+
+    files = sorted(images + frames)
+    classes, labels = labels_for(files)
     left_out = {name for name, _ in corrupt} | {name for name, _ in duplicates}
     good = [(f, label) for f, label in zip(files, labels) if f not in left_out]
 
     atomic.write_csv(run_dir / INPUT_FILES, ["filenames", "labels"], good)
-    atomic.write_json(run_dir / DATASET, {"input_dir": str(input_dir), "classes": classes})
+    atomic.write_json(run_dir / DATASET, {"input_dir": str(source.location), "classes": classes})
     atomic.write_lines(run_dir / CORRUPT_FILES, (f"{name}\t{reason}" for name, reason in corrupt))
     atomic.write_lines(run_dir / DUPLICATE_FILES, (f"{name}\t{first}" for name, first in duplicates))
     atomic.write_lines(run_dir / MISSING_FILES, (f"{entry}\t{why}" for entry, why in missing))
-    log.info("scan: %d images in %s: %d usable, %d corrupt, %d exact duplicates, %d listed but missing; "
-             "%d classes", len(files), input_dir, len(good), len(corrupt), len(duplicates), len(missing),
-             len(classes))
-    return ScanResult(n_files=len(files), n_images=len(good), n_corrupt=len(corrupt),
-                      n_duplicates=len(duplicates), n_missing=len(missing), n_classes=len(classes),
-                      input_dir=str(input_dir))
+    result = ScanResult(n_files=len(files), n_images=len(good), n_corrupt=len(corrupt),
+                        n_duplicates=len(duplicates), n_missing=len(missing), n_classes=len(classes),
+                        input_dir=str(source.location), n_videos=len(videos), n_video_frames=len(frames),
+                        n_already_seen=already_seen)
+    if videos:
+        atomic.write_json(run_dir / VIDEOS, video_info)
+        result.artifacts.append(VIDEOS)
+    if state_path is not None:
+        save_seen(state_path, source.location, {**seen, **{name: etag for name, etag in listed if etag}})
+    log.info("scan: %d images and %d video frames (%d videos) in %s: %d usable, %d corrupt, %d exact "
+             "duplicates, %d listed but missing; %d classes", len(images), len(frames), len(videos), source,
+             len(good), len(corrupt), len(duplicates), len(missing), len(classes))
+    return result
 
 
 def read_input_files(path: Path) -> Tuple[List[str], List[int]]:

@@ -107,16 +107,16 @@ def plot_pca(projected: np.ndarray, selected: np.ndarray, rng: np.random.Generat
     save_png(figure, path)
 
 
-def _thumbnail(path: Path) -> Optional[np.ndarray]:
-    from PIL import Image
+def _thumbnail(input_dir, name: str) -> Optional[np.ndarray]:
+    """A small RGB copy of an input image, a video frame or a bucket object (app.data.images)."""
+    from app.data.images import open_image
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            return np.asarray(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        log.warning("report: no thumbnail for %s (%s)", path, error)
+        image = open_image(input_dir, name)
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        return np.asarray(image)
+    except Exception as error:  # a thumbnail is never worth failing the report for
+        log.warning("report: no thumbnail for %s (%s)", name, error)
         return None
 
 
@@ -146,7 +146,9 @@ def plot_example_pairs(pairs: Sequence[dict], input_dir: Optional[Path], path: P
         save_png(figure, path)
         return
     grid = figure.subplots(rows, 2, squeeze=False)
-    readable = input_dir is not None and input_dir.is_dir()
+    from app.data.sources import source_for
+
+    readable = input_dir is not None and source_for(input_dir).exists()
     if not readable:
         log.warning("report: the input folder %s is not there: example pairs without thumbnails", input_dir)
     thumbnails: Dict[str, Optional[np.ndarray]] = {}
@@ -154,10 +156,44 @@ def plot_example_pairs(pairs: Sequence[dict], input_dir: Optional[Path], path: P
         for column, role in enumerate(("retained", "removed")):
             name = pair[role]
             if name not in thumbnails:
-                thumbnails[name] = _thumbnail(input_dir / name) if readable else None
+                thumbnails[name] = _thumbnail(input_dir, name) if readable else None
             _show(grid[row][column], thumbnails[name], f"{role}: {_short(name)}")
         grid[row][1].text(-0.06, 0.5, f"d = {pair['distance']:.4f}", transform=grid[row][1].transAxes,
                           ha="right", va="center", fontsize=9,
                           bbox={"boxstyle": "round", "fc": "white", "ec": "#888"})
     figure.suptitle("Removed images next to their nearest selected image", fontsize=10)
+    save_png(figure, path)
+
+
+# The timeline draws at most this many videos (those with the most frames); report.json lists all.
+MAX_TIMELINE_VIDEOS = 40
+
+
+def plot_video_sampling_timeline(videos: Dict[str, dict], path: Path) -> None:
+    """One row per video: every usable frame as a grey tick, the selected ones in red, on a time
+    axis in seconds (frame numbers when the rate is unknown)."""
+    shown = sorted(videos, key=lambda v: (-videos[v]["n_frames"], v))[:MAX_TIMELINE_VIDEOS]
+    shown.sort()
+    figure = _figure(8, 1.0 + 0.45 * max(len(shown), 1))
+    axes = figure.add_subplot()
+    in_seconds = all(videos[v].get("fps") for v in shown)
+    for row, video in enumerate(shown):
+        info = videos[video]
+        scale = 1.0 / info["fps"] if in_seconds else 1.0
+        frames = np.asarray(info["frames"], dtype=float) * scale
+        selected = np.asarray(info["selected_frames"], dtype=float) * scale
+        axes.plot([0, max(info["n_frames"] - 1, 0) * scale], [row, row], color="#ddd", linewidth=6,
+                  solid_capstyle="butt", zorder=1)
+        axes.scatter(frames, np.full(len(frames), row), marker="|", s=60, c=COLOURS["input"], linewidths=0.8,
+                     zorder=2, rasterized=True)
+        axes.scatter(selected, np.full(len(selected), row), marker="|", s=160, c=COLOURS["selection"],
+                     linewidths=1.8, zorder=3, label="selected" if row == 0 else None)
+    axes.set_yticks(range(len(shown)), [f"{_short(v, 28)} ({len(videos[v]['selected_frames'])}/"
+                                        f"{len(videos[v]['frames'])})" for v in shown], fontsize=8)
+    axes.set_ylim(-0.7, len(shown) - 0.3)
+    axes.invert_yaxis()
+    axes.set_xlabel("time in the video (s)" if in_seconds else "frame number")
+    more = f", {len(videos) - len(shown)} more in report.json" if len(videos) > len(shown) else ""
+    axes.set_title(f"Selected frames of each video (red; grey: usable frames){more}", fontsize=10)
+    axes.grid(axis="x", alpha=0.3)
     save_png(figure, path)

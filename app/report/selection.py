@@ -35,6 +35,8 @@ PAIRWISE_SELECTION_PNG = "plots/pairwise_distances_selection.png"
 NEAREST_PNG = "plots/nearest_neighbour_distances.png"
 PCA_PNG = "plots/pca_scatter.png"
 PAIRS_PNG = "plots/example_pairs.png"
+VIDEOS = "data/videos.json"
+TIMELINE_PNG = "plots/video_sampling_timeline.png"
 
 
 @dataclass
@@ -52,12 +54,33 @@ def _lines(path: Path) -> List[str]:
     return atomic.read_lines(path) if path.is_file() else []
 
 
-def _input_dir(run_dir: Path) -> Optional[Path]:
+def _input_dir(run_dir: Path) -> Optional[str]:
+    """The scan's input folder or bucket URL (kept a string: a Path would spoil the URL)."""
     path = run_dir / DATASET
     if not path.is_file():
         return None
     input_dir = json.loads(path.read_text(encoding="utf-8")).get("input_dir")
-    return Path(input_dir) if input_dir else None
+    return str(input_dir) if input_dir else None
+
+
+def video_selections(run_dir: Path, sampled: List[str]) -> Dict[str, dict]:
+    """For each input video (data/videos.json): its usable frames and the selected ones, by number."""
+    from app.data.video import parse_frame_name
+
+    videos = json.loads((run_dir / VIDEOS).read_text(encoding="utf-8"))
+    found = {video: {"n_frames": info["n_frames"], "fps": info.get("fps"), "frames": [], "selected_frames": []}
+             for video, info in videos.items()}
+    chosen = set(sampled)
+    for name in _lines(run_dir / "filenames/removed_filenames.txt") + sampled:
+        frame = parse_frame_name(name)
+        if frame is not None and frame[0] in found:
+            found[frame[0]]["frames"].append(frame[1])
+            if name in chosen:
+                found[frame[0]]["selected_frames"].append(frame[1])
+    for info in found.values():
+        info["frames"].sort()
+        info["selected_frames"].sort()
+    return found
 
 
 def _last_pick_distance(run_dir: Path) -> Optional[float]:
@@ -74,12 +97,14 @@ def _last_pick_distance(run_dir: Path) -> Optional[float]:
 
 
 def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in_GB: float = 2.0,
-                 seed: int = 0, pool_embeddings: Optional[np.ndarray] = None) -> ReportResult:
+                 seed: int = 0, pool_embeddings: Optional[np.ndarray] = None,
+                 show_video_sampling_timeline: bool = True) -> ReportResult:
     """Write report.json, report.html and plots/ for the selection in `run_dir`.
 
     `pool_embeddings`: the datapool's embeddings (images selected in earlier runs), for its own
     nearest-neighbour statistics and the selection's distance to it. `memory_requirement_in_GB`
     bounds the pairwise-distance histograms, which use a seeded subsample beyond it.
+    `show_video_sampling_timeline`: with video input, plot which frames of each video were selected.
     """
     run_dir = Path(run_dir)
     sampled, removed = _lines(run_dir / SAMPLED), _lines(run_dir / REMOVED)
@@ -181,6 +206,18 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
             captions[PAIRS_PNG] = (f"The {min(len(pairs), plots.MAX_PAIRS_DRAWN)} removed images closest to a "
                                    f"selected image, each beside that image, with their distance.")
         report["plots"] = list(captions)
+
+    if (run_dir / VIDEOS).is_file():
+        videos = video_selections(run_dir, sampled)
+        report["videos"] = {video: {"n_frames": v["n_frames"], "fps": v["fps"], "n_usable": len(v["frames"]),
+                                    "selected_frames": v["selected_frames"]} for video, v in videos.items()}
+        if show_video_sampling_timeline and videos:
+            from app.report import plots
+
+            plots.plot_video_sampling_timeline(videos, run_dir / TIMELINE_PNG)
+            captions[TIMELINE_PNG] = ("Which frames of each video were selected (red) among its usable "
+                                      "frames (grey), along the video's time axis.")
+            report["plots"] = [*report.get("plots", []), TIMELINE_PNG]
 
     report["counts"] = {"candidates": n_candidates, "selected": len(sampled), "removed": len(removed),
                         "corrupt": len(corrupt), "duplicates": len(duplicates)}

@@ -116,7 +116,8 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     from app.report import write_report
 
     report = write_report(run_dir, cfg.report.n_example_images, cfg.report.memory_requirement_in_GB, cfg.seed,
-                          pool_embeddings=None if pool is None else pool.embeddings)
+                          pool_embeddings=None if pool is None else pool.embeddings,
+                          show_video_sampling_timeline=cfg.report.show_video_sampling_timeline)
     result.artifacts += report.artifacts
     log.info("select: %s kept %d of %d images (stopped by %s); report: %s", method, len(picks), len(all_files),
              stopped_by, run_dir / "report.html")

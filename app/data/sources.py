@@ -1,0 +1,255 @@
+"""Where the input lives: a folder, or a bucket prefix given as an fsspec URL (s3://, gs://, az://).
+
+`Source` lists, stats, reads and opens files by their name relative to the root, the same way for
+both, so the scan stage and `open_image` do not care which it is. Bucket listings are paged and
+consumed lazily; nothing copies the bucket first. Credentials reach the filesystems through
+`configure_storage` (the config's `storage_options`, whose secrets come from `${secret:NAME}`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
+
+from app.config import URL_PATTERN, URL_PROTOCOLS, is_url
+
+T = TypeVar("T")
+R = TypeVar("R")
+# Protocol names that fsspec registers under another name.
+CANONICAL_PROTOCOL = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+# fsspec's own names for the options of each protocol's filesystem.
+FSSPEC_CONFIG_NAMES = {"s3": ("s3", "s3a"), "gs": ("gs", "gcs"), "az": ("az", "abfs", "abfss")}
+# `Path("s3://b/k")` is `s3:/b/k`: artifacts that went through Path get their URL back.
+_PATH_MANGLED_URL = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*):/(?!/)(?P<rest>.*)$")
+
+
+def as_location(root: Union[str, Path]) -> str:
+    """`root` as a plain path string, or as its URL when it is (or was, before `Path`) one."""
+    text = str(root)
+    match = _PATH_MANGLED_URL.match(text)
+    if match and match["protocol"] in URL_PROTOCOLS:
+        return f"{match['protocol']}://{match['rest']}"
+    return text
+
+
+def configure_storage(storage_options: Optional[Dict[str, Any]]) -> None:
+    """Make `storage_options` (per protocol; null values left out) the defaults of every fsspec
+    filesystem this process and its forked DataLoader workers create."""
+    import fsspec.config
+
+    _sources.clear()  # their filesystems were made with the options before
+    for protocol, options in (storage_options or {}).items():
+        if not options:
+            continue
+        kept = {key: value for key, value in dict(options).items() if value is not None}
+        for name in FSSPEC_CONFIG_NAMES.get(protocol, (protocol,)):
+            fsspec.config.conf[name] = dict(kept)
+
+
+def bounded_map(function: Callable[[T], R], items: Iterable[T], workers: int, window: int = 0) -> Iterator[R]:
+    """`function` over `items` on `workers` threads, results in input order, with at most `window`
+    calls in flight or waiting to be consumed: memory stays bounded however many items there are."""
+    window = window or 4 * workers
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class Source:
+    """A folder or a bucket prefix whose files are named relative to it."""
+
+    def __init__(self, root: Union[str, Path]):
+        self.location = as_location(root).rstrip("/") or "/"
+        self.is_url = is_url(self.location)
+        if self.is_url:
+            import fsspec
+
+            self.fs, self._root = fsspec.core.url_to_fs(self.location)
+            self._root = self._root.rstrip("/")
+            self.protocol = CANONICAL_PROTOCOL.get(URL_PATTERN.match(self.location)["protocol"],
+                                                   URL_PATTERN.match(self.location)["protocol"])
+        else:
+            self.fs, self._root, self.protocol = None, self.location, "file"
+
+    def __str__(self) -> str:
+        return self.location
+
+    def _path(self, name: str) -> str:
+        return f"{self._root}/{name}"
+
+    def exists(self) -> bool:
+        if not self.is_url:
+            return Path(self._root).is_dir()
+        try:
+            return self.fs.isdir(self._root) or self.fs.exists(self._root)
+        except FileNotFoundError:
+            return False
+
+    # -- listing -------------------------------------------------------------------------------
+    def list_files(self, extensions: Iterable[str]) -> Iterator[Tuple[str, Optional[str]]]:
+        """(name, ETag or None) of every file under the root whose extension is in `extensions`,
+        hidden names skipped, in no particular order; lazily, a page of a bucket at a time."""
+        wanted = {e.lower() for e in extensions}
+
+        def keep(name: str) -> bool:
+            parts = name.split("/")
+            return (not any(p.startswith(".") for p in parts)
+                    and os.path.splitext(parts[-1])[1].lower() in wanted)
+
+        if not self.is_url:
+            for folder, dirs, files in os.walk(self._root, followlinks=True):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for file_name in files:
+                    name = (Path(folder) / file_name).relative_to(self._root).as_posix()
+                    if keep(name):
+                        yield name, None
+            return
+        prefix = self._root + "/"
+        for info in self._list_objects():
+            path = info["name"]
+            if info.get("type", "file") != "file" or not path.startswith(prefix):
+                continue
+            name = path[len(prefix):]
+            if keep(name):
+                yield name, etag_of(info)
+
+    def _list_objects(self) -> Iterator[dict]:
+        if self.protocol == "s3" and hasattr(self.fs, "_iterdir"):
+            yield from self._list_s3_pages()
+            return
+        for _folder, _dirs, files in self.fs.walk(self._root, detail=True):
+            yield from files.values()
+
+    def _list_s3_pages(self) -> Iterator[dict]:
+        """list_objects_v2 page by page (no delimiter: one flat listing, no per-folder calls)."""
+        from fsspec.asyn import sync
+
+        bucket, _, key_prefix = self._root.partition("/")
+        pages = self.fs._iterdir(bucket, delimiter="", prefix=key_prefix + "/" if key_prefix else "")
+
+        async def next_page(size: int = 1000) -> List[dict]:
+            page = []
+            async for info in pages:
+                page.append(info)
+                if len(page) >= size:
+                    break
+            return page
+
+        while True:
+            page = sync(self.fs.loop, next_page)
+            if not page:
+                return
+            yield from page
+
+    # -- single files --------------------------------------------------------------------------
+    def etag(self, name: str) -> Optional[str]:
+        """The object's ETag (a folder's file: its size and modification time); None if absent."""
+        try:
+            if not self.is_url:
+                stat = os.stat(self._path(name))
+                return f"{stat.st_size}-{stat.st_mtime_ns}"
+            info = self.fs.info(self._path(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if info.get("type", "file") != "file":
+            return None
+        return etag_of(info)
+
+    def read_bytes(self, name: str) -> bytes:
+        if not self.is_url:
+            return Path(self._path(name)).read_bytes()
+        return self.fs.cat_file(self._path(name))
+
+    def open(self, name: str):
+        """A binary, seekable file object (a bucket object is read in blocks, not all at once)."""
+        if not self.is_url:
+            return open(self._path(name), "rb")
+        return self.fs.open(self._path(name), "rb")
+
+    def local_path(self, name: str) -> Path:
+        return Path(self._path(name))
+
+
+def etag_of(info: dict) -> str:
+    for key in ("ETag", "etag", "md5Hash", "generation"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return f"{info.get('size')}-{info.get('LastModified') or info.get('mtime') or info.get('last_modified')}"
+
+
+_sources: Dict[str, Source] = {}
+
+
+def source_for(root: Union[str, Path]) -> Source:
+    """One Source per root and process (fsspec caches the filesystems behind them as well)."""
+    location = as_location(root)
+    source = _sources.get(location)
+    if source is None:
+        source = _sources[location] = Source(location)
+    return source
+
+
+# ---------------------------------------------------------------------------------------------
+# datasource.process_all=false: what earlier runs saw
+# ---------------------------------------------------------------------------------------------
+def datasource_state_path(work_dir: str, location: str) -> Path:
+    """`<work_dir>/datasource/<the input URL as a file name>.json`."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", location).strip("_")
+    return Path(work_dir) / "datasource" / f"{safe}.json"
+
+
+def load_seen(path: Path) -> Dict[str, str]:
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text(encoding="utf-8")).get("objects", {}))
+
+
+def save_seen(path: Path, location: str, objects: Dict[str, str]) -> None:
+    from app import atomic
+
+    atomic.write_json(path, {"input": location, "objects": dict(sorted(objects.items()))})
+
+
+# ---------------------------------------------------------------------------------------------
+# work_dir=s3://...: runs are staged in a local folder and copied up after every stage
+# ---------------------------------------------------------------------------------------------
+def staging_dir(work_dir_url: str) -> Path:
+    """The local folder that stands in for a bucket work_dir: $THRESHER_STAGING_DIR, else
+    `<cache>/staging/<the URL as a path>`."""
+    from app.config import shapes_cache_dir
+
+    base = Path(os.environ["THRESHER_STAGING_DIR"]) if os.environ.get("THRESHER_STAGING_DIR") else (
+        shapes_cache_dir() / "staging")
+    match = URL_PATTERN.match(work_dir_url)
+    return base / match["protocol"] / work_dir_url[match.end():].strip("/")
+
+
+def upload_run_directory(run_dir: Path, work_dir_url: str) -> int:
+    """Copy the run directory's files (not the lock) to `<work_dir_url>/<run name>/`; files that
+    are already there with the same size are kept. Returns how many files were copied."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(work_dir_url.rstrip("/"))
+    target = f"{root.rstrip('/')}/{run_dir.name}"
+    local = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
+    try:
+        remote = {info["name"]: info.get("size") for info in fs.find(target, detail=True).values()}
+    except FileNotFoundError:
+        remote = {}
+    copied = 0
+    for path in local:
+        key = f"{target}/{path.relative_to(run_dir).as_posix()}"
+        if remote.get(key) == path.stat().st_size and path.suffix not in (".json", ".log", ".yaml", ".txt", ".csv"):
+            continue  # large unchanged binaries (plots, checkpoints) are not sent again
+        fs.put_file(str(path), key)
+        copied += 1
+    return copied

@@ -1,0 +1,187 @@
+"""Bucket input (data.input_dir=s3://bucket/prefix) against a real S3 API on loopback: moto in
+server mode, started here, reached through s3fs exactly as a bucket in the cloud would be."""
+from __future__ import annotations
+
+import io
+import secrets as token_source
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+from app.data import sources  # noqa: E402
+from app.data.images import open_image  # noqa: E402
+from app.data.scan import scan_stage  # noqa: E402
+from conftest import thresher  # noqa: E402
+from test_video import compose, input_files, lines, make_video  # noqa: E402
+
+ACCESS_KEY = "thresher-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{server._port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_secret() -> str:
+    return f"s3-secret-{token_source.token_hex(12)}"
+
+
+@pytest.fixture
+def s3(s3_server, s3_secret, monkeypatch, tmp_path):
+    """An s3fs filesystem on the loopback server, a fresh bucket, and the environment a user sets."""
+    import s3fs
+
+    from app import secrets
+
+    monkeypatch.setattr(secrets, "_secret_values", set())
+    monkeypatch.setattr(sources, "_sources", {})
+    for name, value in (("AWS_ENDPOINT_URL", s3_server), ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+                        ("AWS_SECRET_ACCESS_KEY", s3_secret), ("AWS_DEFAULT_REGION", "us-east-1"),
+                        ("THRESHER_WORK_DIR", str(tmp_path / "runs"))):
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=s3_secret, endpoint_url=s3_server)
+    bucket = f"bucket-{token_source.token_hex(4)}"
+    fs.mkdir(bucket)
+    yield fs, bucket
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def png_bytes(seed: int, size=(24, 32)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, size=(*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload_images(fs, prefix: str, names, seed0: int = 0) -> None:
+    fs.pipe({f"{prefix}/{name}": png_bytes(seed0 + i) for i, name in enumerate(names)})
+
+
+def test_scan_reads_a_bucket_prefix_without_copying_it(s3, tmp_path):
+    fs, bucket = s3
+    upload_images(fs, f"{bucket}/data", ["a/1.png", "a/2.png", "b/3.png", "b/4.png"])
+    fs.pipe(f"{bucket}/data/b/broken.png", png_bytes(9)[:60])
+    fs.pipe(f"{bucket}/data/b/copy.png", fs.cat(f"{bucket}/data/a/1.png"))
+    fs.pipe(f"{bucket}/data/.hidden/5.png", png_bytes(5))
+    fs.pipe(f"{bucket}/other/6.png", png_bytes(6))  # beside the prefix, not under it
+    fs.put(str(make_video(tmp_path / "clip.mp4", n_frames=10)), f"{bucket}/data/a/clip.mp4")
+    run_dir = tmp_path / "run"
+    result = scan_stage(compose(f"data.input_dir=s3://{bucket}/data"), run_dir)
+    names = input_files(run_dir)
+    assert names[:2] == ["a/1.png", "a/2.png"] and "a/clip-09-mp4.png" in names
+    assert result.n_video_frames == 10 and len(names) == 4 + 10, "broken and copy left out"
+    assert lines(run_dir / "filenames/corrupt_filenames.txt")[0].startswith("b/broken.png\ttruncated")
+    assert lines(run_dir / "filenames/duplicate_filenames.txt") == ["b/copy.png\ta/1.png"]
+    assert result.input_dir == f"s3://{bucket}/data"
+    assert not list(tmp_path.rglob("*.png")), "nothing was copied to the local disk"
+    assert open_image(Path(result.input_dir), "a/2.png").size == (32, 24), "a Path that spoilt the URL still works"
+    frame = open_image(f"s3://{bucket}/data", "a/clip-04-mp4.png")
+    assert frame.size == (64, 48)
+
+
+def test_listing_pages_through_more_than_a_thousand_objects(s3):
+    fs, bucket = s3
+    fs.pipe({f"{bucket}/many/notes/{i:04d}.txt": b"x" for i in range(1001)})
+    upload_images(fs, f"{bucket}/many", ["z/last.png"])
+    source = sources.Source(f"s3://{bucket}/many")
+    listing = source.list_files({".png"})
+    assert next(listing)[0] == "z/last.png", "found on the second page of list_objects_v2"
+    assert list(listing) == []
+
+
+def test_relevant_filenames_file_reads_only_the_listed_objects(s3, tmp_path, monkeypatch):
+    fs, bucket = s3
+    upload_images(fs, f"{bucket}/data", ["a/1.png", "a/2.png", "b/3.png"])
+    listed = tmp_path / "relevant.txt"
+    listed.write_text("a/2.png\nb/3.png\nb/absent.png\nnotes.txt\n")
+    monkeypatch.setattr(sources.Source, "_list_objects", lambda self: pytest.fail("the bucket was listed"))
+    run_dir = tmp_path / "run"
+    result = scan_stage(compose(f"data.input_dir=s3://{bucket}/data", f"data.relevant_filenames_file={listed}"),
+                        run_dir)
+    assert input_files(run_dir) == ["a/2.png", "b/3.png"]
+    missing = dict(line.split("\t") for line in lines(run_dir / "filenames/missing_filenames.txt"))
+    assert missing == {"b/absent.png": "no such object", "notes.txt": "not an image or video file name"}
+    assert result.n_missing == 2
+
+
+def test_a_later_run_processes_only_new_and_changed_objects(s3, tmp_path):
+    fs, bucket = s3
+    upload_images(fs, f"{bucket}/data", ["1.png", "2.png", "3.png"])
+    url = f"s3://{bucket}/data"
+    work = f"work_dir={tmp_path / 'runs'}"
+    first = scan_stage(compose(f"data.input_dir={url}", work), tmp_path / "one")
+    assert first.n_images == 3 and first.n_already_seen == 0
+    upload_images(fs, f"{bucket}/data", ["4.png"], seed0=40)
+    fs.pipe(f"{bucket}/data/2.png", png_bytes(99))  # a new ETag: processed again
+    second = scan_stage(compose(f"data.input_dir={url}", work), tmp_path / "two")
+    assert input_files(tmp_path / "two") == ["2.png", "4.png"] and second.n_already_seen == 2
+    from app.config import UserError
+
+    with pytest.raises(UserError, match="no new objects .* datasource.process_all=true"):
+        scan_stage(compose(f"data.input_dir={url}", work), tmp_path / "three")
+    everything = scan_stage(compose(f"data.input_dir={url}", work, "datasource.process_all=true"), tmp_path / "four")
+    assert everything.n_images == 4 and everything.n_already_seen is None
+
+
+def test_images_are_read_in_parallel_with_a_bounded_window():
+    import threading
+    import time
+
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def read(item):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.001)
+        with lock:
+            in_flight[0] -= 1
+        return item * 2
+
+    consumed = []
+    for value in sources.bounded_map(read, range(200), workers=4, window=8):
+        consumed.append(value)
+    assert consumed == [2 * i for i in range(200)], "results in input order"
+    assert 1 < peak[0] <= 4
+
+
+def test_selection_from_a_bucket_on_the_command_line_keeps_the_credentials_secret(s3, s3_secret, env, tmp_path):
+    fs, bucket = s3
+    upload_images(fs, f"{bucket}/data", [f"{c}/{i}.png" for c in "ab" for i in range(5)])
+    fs.put(str(make_video(tmp_path / "clip.webm", n_frames=6, codec="libvpx-vp9")), f"{bucket}/data/a/clip.webm")
+    secret_file = tmp_path / "aws_secret"
+    secret_file.write_text(s3_secret + "\n")
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=fs.client_kwargs.get("endpoint_url") or fs.endpoint_url, AWS_ACCESS_KEY_ID=ACCESS_KEY,
+               AWS_SECRET_ACCESS_KEY_FILE=str(secret_file), AWS_DEFAULT_REGION="us-east-1")
+    result = thresher(["data=folder", f"data.input_dir=s3://{bucket}/data", "stages=[scan,embed,select]",
+                       "hardware=cpu", "data.image_size=32", "sampler=random",
+                       "sampler.stopping_condition.n_samples=5"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    state, run_dir = sorted((tmp_path / "runs").iterdir(), key=lambda p: p.name != "datasource")
+    assert [p.name for p in state.iterdir()] == [f"s3_{bucket}_data.json"], "what this run saw, for the next"
+    assert len(lines(run_dir / "filenames/sampled_filenames.txt")) == 5
+    assert len(lines(run_dir / "data/embeddings.csv")) == 1 + 10 + 6
+    written = b"".join(p.read_bytes() for p in run_dir.rglob("*") if p.is_file())
+    assert s3_secret.encode() not in written
+    assert s3_secret not in result.stdout + result.stderr
+    assert "${secret:AWS_SECRET_ACCESS_KEY,null}" in (run_dir / ".hydra/config.yaml").read_text()
