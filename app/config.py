@@ -349,7 +349,13 @@ def safe_note(note: Optional[str]) -> str:
 
 
 def run_directory_path(work_dir: str, note: Optional[str], run_directory: Optional[str]) -> str:
-    """`run_directory` (relative to work_dir unless absolute) or `<work_dir>/<UTC stamp>_<note>`."""
+    """`run_directory` (relative to work_dir unless absolute) or `<work_dir>/<UTC stamp>_<note>`.
+    A bucket work_dir (s3://...) stands for a local staging folder that is copied up after every
+    stage (app.data.sources.staging_dir)."""
+    if is_url(work_dir):
+        from app.data.sources import staging_dir
+
+        work_dir = str(staging_dir(str(work_dir)))
     if run_directory:
         return str(Path(work_dir) / run_directory)  # an absolute run_directory wins the join
     note = safe_note(note)

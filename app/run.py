@@ -187,6 +187,7 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
     try:
         take_secrets(cfg)
         validate(cfg)
+        fetch_from_bucket(cfg, run_dir)
         summary = run.acquire(cfg.overwrite, cfg.resume)
         # resume=true, or a rerun in the directory of an interrupted or failed run
         resuming = bool(summary.data) and not cfg.overwrite
@@ -235,7 +236,36 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            sync_to_bucket(cfg, run_dir)  # the final summary.json and log, whatever the outcome
+        except Exception as error:
+            log.warning("could not copy %s to work_dir=%s: %s", run_dir, cfg.work_dir, redact(str(error)))
         run.release()
+
+
+def sync_to_bucket(cfg: DictConfig, run_dir: Path) -> None:
+    """work_dir=s3://... (gs://, az://): the run directory is a local staging folder, copied up
+    after every stage, so the bucket holds every finished stage's artifacts."""
+    from app.config import is_url
+
+    if is_url(cfg.work_dir):
+        from app.data.sources import upload_run_directory
+
+        copied = upload_run_directory(run_dir, cfg.work_dir)
+        log.info("copied %d files of %s to work_dir=%s", copied, run_dir.name, cfg.work_dir)
+
+
+def fetch_from_bucket(cfg: DictConfig, run_dir: Path) -> None:
+    """A bucket run directory that this machine has not staged (a new container resuming it):
+    bring its files down first, so that resume and the finished-run checks see them."""
+    from app.config import is_url
+
+    if is_url(cfg.work_dir) and not (run_dir / SUMMARY).is_file():
+        from app.data.sources import download_run_directory
+
+        fetched = download_run_directory(run_dir, cfg.work_dir)
+        if fetched:
+            log.info("fetched %d files of %s from work_dir=%s", fetched, run_dir.name, cfg.work_dir)
 
 
 def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, resuming: bool) -> None:
@@ -265,6 +295,7 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, re
         summary.data.setdefault("counts", {}).update(
             {key: value for key, value in details.items() if key.startswith("n_")})
         summary.save()
+        sync_to_bucket(cfg, run_dir)
         log.info("stage %s: finished in %.1fs %s", stage, duration, _as_dict(result))
 
 

@@ -3,7 +3,10 @@ server mode, started here, reached through s3fs exactly as a bucket in the cloud
 from __future__ import annotations
 
 import io
+import json
+import os
 import secrets as token_source
+import shutil
 import socket
 from pathlib import Path
 
@@ -164,24 +167,39 @@ def test_images_are_read_in_parallel_with_a_bounded_window():
     assert 1 < peak[0] <= 4
 
 
-def test_selection_from_a_bucket_on_the_command_line_keeps_the_credentials_secret(s3, s3_secret, env, tmp_path):
+def test_a_run_from_bucket_to_bucket_on_the_command_line_keeps_the_credentials_secret(s3, s3_secret, env,
+                                                                                     tmp_path):
     fs, bucket = s3
     upload_images(fs, f"{bucket}/data", [f"{c}/{i}.png" for c in "ab" for i in range(5)])
     fs.put(str(make_video(tmp_path / "clip.webm", n_frames=6, codec="libvpx-vp9")), f"{bucket}/data/a/clip.webm")
     secret_file = tmp_path / "aws_secret"
     secret_file.write_text(s3_secret + "\n")
     env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
-    env.update(AWS_ENDPOINT_URL=fs.client_kwargs.get("endpoint_url") or fs.endpoint_url, AWS_ACCESS_KEY_ID=ACCESS_KEY,
-               AWS_SECRET_ACCESS_KEY_FILE=str(secret_file), AWS_DEFAULT_REGION="us-east-1")
-    result = thresher(["data=folder", f"data.input_dir=s3://{bucket}/data", "stages=[scan,embed,select]",
-                       "hardware=cpu", "data.image_size=32", "sampler=random",
-                       "sampler.stopping_condition.n_samples=5"], env, tmp_path)
+    env.update(AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], AWS_ACCESS_KEY_ID=ACCESS_KEY,
+               AWS_SECRET_ACCESS_KEY_FILE=str(secret_file), AWS_DEFAULT_REGION="us-east-1",
+               THRESHER_STAGING_DIR=str(tmp_path / "staging"))
+    result = thresher(["data=folder", f"data.input_dir=s3://{bucket}/data", f"work_dir=s3://{bucket}/runs",
+                       "run_directory=first", "stages=[scan,embed,select]", "hardware=cpu", "data.image_size=32",
+                       "sampler=random", "sampler.stopping_condition.n_samples=5"], env, tmp_path)
     assert result.returncode == 0, result.stderr
-    state, run_dir = sorted((tmp_path / "runs").iterdir(), key=lambda p: p.name != "datasource")
-    assert [p.name for p in state.iterdir()] == [f"s3_{bucket}_data.json"], "what this run saw, for the next"
-    assert len(lines(run_dir / "filenames/sampled_filenames.txt")) == 5
-    assert len(lines(run_dir / "data/embeddings.csv")) == 1 + 10 + 6
-    written = b"".join(p.read_bytes() for p in run_dir.rglob("*") if p.is_file())
+    staged = tmp_path / "staging" / "s3" / bucket / "runs" / "first"
+    remote = f"{bucket}/runs/first"
+    assert json.loads(fs.cat(f"{remote}/summary.json"))["status"] == "finished"
+    assert fs.cat(f"{remote}/filenames/sampled_filenames.txt") == (staged / "filenames/sampled_filenames.txt").read_bytes()
+    assert len(lines(staged / "filenames/sampled_filenames.txt")) == 5
+    assert len(lines(staged / "data/embeddings.csv")) == 1 + 10 + 6, "images and video frames read from the bucket"
+    assert fs.exists(f"{bucket}/runs/datasource/s3_{bucket}_data.json"), "what this run saw, for the next"
+    assert fs.exists(f"{remote}/report.html") and fs.exists(f"{remote}/thresher.log")
+
+    written = b"".join(fs.cat(key) for key in fs.find(remote)) + b"".join(
+        p.read_bytes() for p in staged.rglob("*") if p.is_file())
     assert s3_secret.encode() not in written
     assert s3_secret not in result.stdout + result.stderr
-    assert "${secret:AWS_SECRET_ACCESS_KEY,null}" in (run_dir / ".hydra/config.yaml").read_text()
+    assert "${secret:AWS_SECRET_ACCESS_KEY,null}" in (staged / ".hydra/config.yaml").read_text()
+
+    shutil.rmtree(tmp_path / "staging")  # a fresh container: the run is fetched from the bucket first
+    again = thresher(["data=folder", f"data.input_dir=s3://{bucket}/data", f"work_dir=s3://{bucket}/runs",
+                      "run_directory=first", "stages=[scan,embed,select]", "hardware=cpu", "resume=true"],
+                     env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "finished in an earlier run, skipped" in again.stdout + again.stderr

@@ -201,22 +201,40 @@ def source_for(root: Union[str, Path]) -> Source:
 # ---------------------------------------------------------------------------------------------
 # datasource.process_all=false: what earlier runs saw
 # ---------------------------------------------------------------------------------------------
-def datasource_state_path(work_dir: str, location: str) -> Path:
-    """`<work_dir>/datasource/<the input URL as a file name>.json`."""
+def datasource_state_path(work_dir: str, location: str) -> str:
+    """`<work_dir>/datasource/<the input URL as a file name>.json`; in the bucket when work_dir is
+    one, so that the next run finds it wherever it runs."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", location).strip("_")
-    return Path(work_dir) / "datasource" / f"{safe}.json"
+    if is_url(work_dir):
+        return f"{str(work_dir).rstrip('/')}/datasource/{safe}.json"
+    return str(Path(work_dir) / "datasource" / f"{safe}.json")
 
 
-def load_seen(path: Path) -> Dict[str, str]:
-    if not path.is_file():
+def load_seen(path: str) -> Dict[str, str]:
+    if is_url(path):
+        import fsspec
+
+        try:
+            with fsspec.open(path, "rt", encoding="utf-8") as handle:
+                return dict(json.load(handle).get("objects", {}))
+        except FileNotFoundError:
+            return {}
+    if not Path(path).is_file():
         return {}
-    return dict(json.loads(path.read_text(encoding="utf-8")).get("objects", {}))
+    return dict(json.loads(Path(path).read_text(encoding="utf-8")).get("objects", {}))
 
 
-def save_seen(path: Path, location: str, objects: Dict[str, str]) -> None:
+def save_seen(path: str, location: str, objects: Dict[str, str]) -> None:
     from app import atomic
 
-    atomic.write_json(path, {"input": location, "objects": dict(sorted(objects.items()))})
+    state = {"input": location, "objects": dict(sorted(objects.items()))}
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "wt", encoding="utf-8") as handle:  # an object appears whole or not at all
+            json.dump(state, handle, indent=1)
+        return
+    atomic.write_json(Path(path), state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +242,7 @@ def save_seen(path: Path, location: str, objects: Dict[str, str]) -> None:
 # ---------------------------------------------------------------------------------------------
 def staging_dir(work_dir_url: str) -> Path:
     """The local folder that stands in for a bucket work_dir: $THRESHER_STAGING_DIR, else
-    `<cache>/staging/<the URL as a path>`."""
+    `<cache>/staging`, then the URL as a path (`s3/bucket/prefix`)."""
     from app.config import shapes_cache_dir
 
     base = Path(os.environ["THRESHER_STAGING_DIR"]) if os.environ.get("THRESHER_STAGING_DIR") else (
@@ -233,23 +251,51 @@ def staging_dir(work_dir_url: str) -> Path:
     return base / match["protocol"] / work_dir_url[match.end():].strip("/")
 
 
-def upload_run_directory(run_dir: Path, work_dir_url: str) -> int:
-    """Copy the run directory's files (not the lock) to `<work_dir_url>/<run name>/`; files that
-    are already there with the same size are kept. Returns how many files were copied."""
+# run directory -> {file: (size, mtime_ns)} as last copied up by this process
+_uploaded: Dict[Path, Dict[Path, Tuple[int, int]]] = {}
+
+
+def _remote_run_directory(run_dir: Path, work_dir_url: str):
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(work_dir_url.rstrip("/"))
-    target = f"{root.rstrip('/')}/{run_dir.name}"
-    local = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
     try:
-        remote = {info["name"]: info.get("size") for info in fs.find(target, detail=True).values()}
+        relative = Path(run_dir).resolve().relative_to(staging_dir(work_dir_url).resolve()).as_posix()
+    except ValueError:
+        relative = Path(run_dir).name
+    return fs, f"{root.rstrip('/')}/{relative}"
+
+
+def download_run_directory(run_dir: Path, work_dir_url: str) -> int:
+    """Copy a run directory's files from under `work_dir_url` into the staging folder (files
+    already there are kept); returns how many were copied."""
+    fs, target = _remote_run_directory(run_dir, work_dir_url)
+    try:
+        remote = fs.find(target)
     except FileNotFoundError:
-        remote = {}
+        return 0
     copied = 0
-    for path in local:
-        key = f"{target}/{path.relative_to(run_dir).as_posix()}"
-        if remote.get(key) == path.stat().st_size and path.suffix not in (".json", ".log", ".yaml", ".txt", ".csv"):
-            continue  # large unchanged binaries (plots, checkpoints) are not sent again
-        fs.put_file(str(path), key)
+    for key in remote:
+        local = Path(run_dir) / key[len(target) + 1:]
+        if not local.exists():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(key, str(local))
+            copied += 1
+    return copied
+
+
+def upload_run_directory(run_dir: Path, work_dir_url: str) -> int:
+    """Copy the run directory's new and changed files (not its lock) to the same place under
+    `work_dir_url`; returns how many were copied."""
+    run_dir = Path(run_dir)
+    fs, target = _remote_run_directory(run_dir, work_dir_url)
+    sent = _uploaded.setdefault(run_dir, {})
+    copied = 0
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"):
+        stat = path.stat()
+        if sent.get(path) == (stat.st_size, stat.st_mtime_ns):
+            continue
+        fs.put_file(str(path), f"{target}/{path.relative_to(run_dir).as_posix()}")
+        sent[path] = (stat.st_size, stat.st_mtime_ns)
         copied += 1
     return copied
