@@ -15,8 +15,9 @@ from conftest import SMALL, only_run_dir, thresher
 @pytest.fixture(autouse=True)
 def _clean_registry(monkeypatch):
     monkeypatch.setattr(secrets, "_secret_values", set())
-    monkeypatch.delenv("THRESHER_TOKEN", raising=False)
-    monkeypatch.delenv("THRESHER_TOKEN_FILE", raising=False)
+    for variable in (*secrets.KNOWN_SECRETS, "MY_BUCKET_SECRET"):
+        monkeypatch.delenv(variable, raising=False)
+        monkeypatch.delenv(f"{variable}_FILE", raising=False)
 
 
 def every_byte_written(run_dir: Path) -> bytes:
@@ -86,3 +87,61 @@ def test_no_secret_in_the_error_of_a_failed_run(env, tmp_path):
     assert result.returncode == 2
     assert token not in result.stdout + result.stderr
     assert "***" in result.stderr
+
+
+def test_secret_resolver_reads_the_variable_or_its_file_and_registers_the_value(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    secrets.register_secret_resolver()
+    cfg = OmegaConf.create({"key": "${secret:MY_BUCKET_SECRET}", "optional": "${secret:WANDB_API_KEY,null}"})
+    monkeypatch.setenv("MY_BUCKET_SECRET", "from-the-environment")
+    assert cfg.key == "from-the-environment" and cfg.optional is None
+    monkeypatch.delenv("MY_BUCKET_SECRET")
+    (tmp_path / "secret").write_text("from-a-secret-file\n")
+    monkeypatch.setenv("MY_BUCKET_SECRET_FILE", str(tmp_path / "secret"))
+    assert cfg.key == "from-a-secret-file"
+    assert secrets.redact("a from-the-environment b from-a-secret-file") == "a *** b ***"
+    assert "from-a" not in OmegaConf.to_yaml(cfg), "a saved config holds the reference, not the value"
+
+
+def test_a_required_secret_that_is_missing_is_named_at_start(env, tmp_path):
+    result = thresher(["data=folder", f"data.input_dir={tmp_path}", "storage_options.s3.secret=${secret:MY_BUCKET_SECRET}"],
+                      env, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("thresher: error: storage_options.s3.secret: the secret MY_BUCKET_SECRET is "
+                                    "required and not set: export MY_BUCKET_SECRET, or MY_BUCKET_SECRET_FILE")
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists(), "refused before any work"
+
+
+def test_known_secrets_are_redacted_from_errors_and_printed_configs(env, tmp_path):
+    keys = {name: f"{name.lower()}-{token_source.token_hex(8)}" for name in
+            ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AZURE_STORAGE_ACCOUNT_KEY")}
+    (tmp_path / "wandb_key").write_text(keys["WANDB_API_KEY"])
+    env = {**env, "WANDB_API_KEY_FILE": str(tmp_path / "wandb_key"), "AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"],
+           "AZURE_STORAGE_ACCOUNT_KEY": keys["AZURE_STORAGE_ACCOUNT_KEY"]}
+    # each key is also the name of a missing input folder, so the error message would hold it
+    for key in keys.values():
+        failed = thresher(["data=folder", f"data.input_dir=/data/{key}"], env, tmp_path)
+        assert failed.returncode == 2 and "***" in failed.stderr
+        assert key not in failed.stdout + failed.stderr
+    printed = thresher(["--cfg", "job", "--resolve"], env, tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    assert "secret: ***" in printed.stdout and "account_key: ***" in printed.stdout
+    assert not any(key in printed.stdout + printed.stderr for key in keys.values())
+    plain = thresher(["--cfg", "job"], env, tmp_path)
+    assert "secret: ${secret:AWS_SECRET_ACCESS_KEY,null}" in plain.stdout
+
+
+def test_no_secret_in_any_file_of_a_selection_run(env, tmp_path):
+    keys = {name: f"{name.lower()}-{token_source.token_hex(8)}" for name in ("THRESHER_TOKEN", "WANDB_API_KEY",
+                                                                          "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")}
+    env = {**env, **keys}
+    result = thresher([*SMALL, "sampler=random", "sampler.stopping_condition.n_samples=10",
+                       "stages=[scan,embed,select]"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    written = every_byte_written(run_dir)
+    for key in keys.values():
+        assert key.encode() not in written and key not in result.stdout + result.stderr
+    saved = (run_dir / ".hydra/config.yaml").read_text()
+    assert "token: '***'" in saved and "key: ${secret:AWS_ACCESS_KEY_ID,null}" in saved
