@@ -491,6 +491,8 @@ def validate(cfg: DictConfig) -> None:
     _validate_logger(cfg.logger)
 
     _validate_data(cfg.data, needs_input="scan" in stages or cfg.sanity_check)
+    if "train" in stages:
+        _validate_task_data(cfg.model.task, cfg.data.name)
     _validate_work_dir(cfg.work_dir)
     if is_url(cfg.data.get("input_dir")) or is_url(cfg.work_dir):
         # every stage of this process (and its forked loader workers) reaches the buckets with these
@@ -575,6 +577,17 @@ def _validate_model(model: DictConfig, embedding_model: Optional[str]) -> None:
     if embedding_model is not None and embedding_model not in CLASSIFIERS:
         raise _refuse("sampler.embedding_model", embedding_model,
                       f"choose a torchvision classifier: {', '.join(CLASSIFIERS)}, or null", CLASSIFIERS)
+
+
+# Which data options carry the labels each task needs.
+TASK_DATA = {"classification": ("shapes", "folder", "coco", "oxford_pet"),
+             "detection": ("shapes", "coco", "oxford_pet"), "keypoints": ("shapes", "coco")}
+
+
+def _validate_task_data(task: str, data_name: str) -> None:
+    if data_name not in TASK_DATA[task]:
+        raise UserError(f"data={data_name} has no {task} labels: model.task={task} trains on data="
+                        f"{' or data='.join(TASK_DATA[task])}")
 
 
 def embedding_model_name(cfg: DictConfig) -> str:
@@ -709,10 +722,7 @@ def _validate_data(data: DictConfig, needs_input: bool) -> None:
         input_dir = Path(data.input_dir)
         if is_url(data.input_dir):
             check_protocol_installed("data.input_dir", data.input_dir)
-            if data.name == "coco" and needs_input and not (is_url(data.annotations) or Path(data.annotations).is_file()):
-                raise _refuse("data.annotations", data.annotations, "it must be an existing COCO JSON file")
-            return
-        if needs_input and not input_dir.is_dir():
+        elif needs_input and not input_dir.is_dir():
             raise _refuse("data.input_dir", str(input_dir),
                           "it must be an existing folder of images (in Docker, mount it at /data/input)")
         relevant = data.relevant_filenames_file
