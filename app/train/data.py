@@ -65,17 +65,19 @@ def training_data(cfg, run_dir: Path) -> TrainingData:
     left_out: Dict[str, str] = {}
     annotations = None
     num_keypoints = 0
-    if task == "classification":
+    if task == "classification" and cfg.data.name in ("folder", "shapes"):
         classes = folder_classes
-        kept = [(f, label) for f, label in zip(files, labels) if label >= 0]
         for f, label in zip(files, labels):
             if label < 0:
                 left_out[f] = "outside any class folder"
+        kept = [(f, label) for f, label in zip(files, labels) if label >= 0]
         if len(classes) < 2:
             raise UserError(f"classification needs at least 2 classes, one sub-folder each, in {input_dir}; "
                             f"found {len(classes)}: sort the images into class folders, or set model.task")
         files, targets = [f for f, _ in kept], [label for _, label in kept]
     else:
+        # Labels from the annotation files: boxes and keypoints, or (classification) each
+        # image's one category.
         from app.train.annotations import load_annotations
 
         annotations = load_annotations(cfg.data, input_dir, task)
@@ -87,7 +89,10 @@ def training_data(cfg, run_dir: Path) -> TrainingData:
                 kept_files.append(f)
             else:
                 left_out[f] = annotations.skipped.get(f, "no annotation")
-        files, targets = kept_files, [annotations.targets[f] for f in kept_files]
+        files = kept_files
+        targets = [annotations.targets[f] for f in files]
+        if task == "classification":
+            targets = [int(target["label"]) for target in targets]
     if left_out:
         log.warning("train: %d selected image(s) have no %s label and are left out (e.g. %s: %s)",
                     len(left_out), task, *next(iter(left_out.items())))
