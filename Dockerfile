@@ -3,6 +3,8 @@
 #   docker build -t thresher .                                  online, from python:3.11-slim
 #   docker build --build-arg BASE_IMAGE=thresher-base:bookworm \
 #                --build-arg PIP_NO_INDEX=1 -t thresher .       offline, from wheelhouse/
+#   docker build --build-arg TORCH_VARIANT=cpu -t thresher:cpu .   CPU-only torch (a fraction of the size)
+#   docker build --build-arg EXTRAS=s3,gcs -t thresher .       with optional extras of pyproject.toml
 #   docker run --rm -v "$PWD/images:/data/input:ro" -v "$PWD/runs:/data/output" \
 #       --user "$(id -u):$(id -g)" thresher data=folder sampler=random trainer.epochs=1
 #
@@ -16,6 +18,12 @@ FROM ${BASE_IMAGE} AS deps
 
 # PIP_NO_INDEX=1: install from wheelhouse/ only, no network at all.
 ARG PIP_NO_INDEX=0
+# cuda: PyPI's torch, CUDA libraries included (runs on CPU too). cpu: the CPU-only build from
+# TORCH_CPU_INDEX_URL (online) or from wheelhouse/ (offline: put its torch/torchvision +cpu wheels there).
+ARG TORCH_VARIANT=cuda
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Optional extras of pyproject.toml installed too, comma-separated (e.g. s3,gcs).
+ARG EXTRAS=""
 ENV PIP_FIND_LINKS=/wheelhouse \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -26,11 +34,18 @@ ENV PATH=/opt/venv/bin:$PATH
 
 # Dependencies are read from pyproject.toml and installed before any code is copied, so editing
 # the code does not reinstall torch. These stages are thrown away: the wheels never reach the image.
+# The CPU variant installs torch and torchvision first, from the CPU index only, so that the other
+# dependencies find them satisfied; the check at the end fails the build on the wrong torch.
 COPY wheelhouse/ /wheelhouse/
-COPY pyproject.toml /src/pyproject.toml
-RUN python -c 'import tomllib; print(*tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
-        > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
+COPY pyproject.toml scripts/image-requirements.py /src/
+RUN python /src/image-requirements.py /src/pyproject.toml "$EXTRAS" > /tmp/requirements.txt \
+ && if [ "$TORCH_VARIANT" = cpu ]; then \
+        grep -E '^torch(vision)?[<>=!~ ;]' /tmp/requirements.txt > /tmp/torch.txt \
+        && if [ "$PIP_NO_INDEX" = 1 ]; then pip install -r /tmp/torch.txt; \
+           else env -u PIP_FIND_LINKS pip install --index-url "$TORCH_CPU_INDEX_URL" -r /tmp/torch.txt; fi; \
+    fi \
+ && pip install -r /tmp/requirements.txt \
+ && python /src/image-requirements.py --check-torch "$TORCH_VARIANT"
 
 # ---- build: thresher's own wheel ----------------------------------------------------------------
 FROM deps AS build
@@ -41,6 +56,7 @@ ARG PIP_NO_INDEX=0
 COPY pyproject.toml README.m[d] /src/
 COPY conf/ /src/conf/
 COPY app/ /src/app/
+COPY hydra_plugins/ /src/hydra_plugins/
 RUN pip wheel --no-deps --wheel-dir /dist /src
 
 # ---- runtime ------------------------------------------------------------------------------------
@@ -48,11 +64,15 @@ FROM ${BASE_IMAGE}
 
 # The repository URL, for the source label: --build-arg SOURCE_URL=...
 ARG SOURCE_URL=""
+ARG TORCH_VARIANT=cuda
+ARG EXTRAS=""
 LABEL org.opencontainers.image.title="thresher" \
       org.opencontainers.image.description="Select the grain from the chaff (coreset or random), then train a torchvision model on it; Hydra-composed." \
       org.opencontainers.image.source="${SOURCE_URL}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="0.1.0"
+      org.opencontainers.image.version="0.1.0" \
+      io.thresher.torch-variant="${TORCH_VARIANT}" \
+      io.thresher.extras="${EXTRAS}"
 
 # A fixed non-root user; the image also runs under any other UID (`--user "$(id -u):$(id -g)"`),
 # so everything written outside /data/output goes to world-writable /tmp.
