@@ -493,6 +493,9 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(cfg.data, needs_input="scan" in stages or cfg.sanity_check)
     if "train" in stages:
         _validate_task_data(cfg.model.task, cfg.data.name)
+    if cfg.hardware.node_rank > 0 and stages != ["train"]:
+        raise _refuse("stages", stages, f"on hardware.node_rank={cfg.hardware.node_rank} only training runs: "
+                      f"select on node 0 first, then use stages=[train] with the same run_directory")
     _validate_work_dir(cfg.work_dir)
     if is_url(cfg.data.get("input_dir")) or is_url(cfg.work_dir):
         # every stage of this process (and its forked loader workers) reaches the buckets with these

@@ -100,13 +100,14 @@ def refuse_finished_run(summary: Summary, overwrite: bool, resume: bool) -> None
 class RunDirectory:
     """Owns a run directory for the life of the run: refuses a busy or finished one."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, node_suffix: str = ""):
+        # Other nodes of a multi-node run share the folder but keep their own lock and summary.
+        self.path, self.lock_name, self.summary_name = path, LOCK + node_suffix, f"summary{node_suffix}.json"
         self._lock_file = None
 
     def acquire(self, overwrite: bool, resume: bool) -> Summary:
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.path / LOCK, "a+")
+        self._lock_file = open(self.path / self.lock_name, "a+")
         try:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -119,11 +120,11 @@ class RunDirectory:
         self._lock_file.write(f"pid {os.getpid()}\n")
         self._lock_file.flush()
 
-        summary = Summary.load(self.path / SUMMARY)
+        summary = Summary.load(self.path / self.summary_name)
         refuse_finished_run(summary, overwrite, resume)
         if overwrite and summary.data:
             self._clear()
-            summary = Summary(self.path / SUMMARY)
+            summary = Summary(self.path / self.summary_name)
         elif summary.data and not resume:
             log.info("run directory holds an unfinished run (status %s): resuming it", summary.status)
         return summary
@@ -131,7 +132,7 @@ class RunDirectory:
     def _clear(self) -> None:
         """Remove a previous run's artifacts; the lock and the open log file stay."""
         for child in self.path.iterdir():
-            if child.name in (LOCK,) or child.suffix == ".log":
+            if child.name.startswith(LOCK) or child.suffix == ".log":
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
@@ -178,11 +179,19 @@ def _as_dict(result: Any) -> Dict[str, Any]:
     return asdict(result) if is_dataclass(result) else dict(result)
 
 
+def node_suffix(cfg: DictConfig) -> str:
+    """'' on the first (or only) node; '.nodeN' on node N > 0 of a multi-node run."""
+    hardware = cfg.get("hardware")
+    if hardware is not None and hardware.get("nnodes", 1) > 1 and hardware.get("node_rank", 0) > 0:
+        return f".node{hardware.node_rank}"
+    return ""
+
+
 def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
     """Run the configured stages in `run_dir`; returns the process exit code."""
     install_redaction()  # Hydra configured its log handlers after the CLI installed it
     started = time.perf_counter()
-    run = RunDirectory(run_dir)
+    run = RunDirectory(run_dir, node_suffix(cfg))
     summary: Optional[Summary] = None
     try:
         take_secrets(cfg)

@@ -218,3 +218,28 @@ def test_fp16_on_the_cpu_falls_back_to_float32_and_bf16_is_kept():
     assert autocast_dtype("fp16", torch.device("cpu")) is None
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     assert autocast_dtype(None, torch.device("cpu")) is None
+
+
+def test_the_torchrun_command_carries_the_rendezvous_of_a_multi_node_run(tmp_path):
+    from app.train.distributed import result_path, torchrun_command
+
+    hardware = OmegaConf.create({"nnodes": 2, "node_rank": 1, "rdzv_endpoint": "node0:29400", "rdzv_id": "job42"})
+    command = torchrun_command(hardware, 4, tmp_path, tmp_path / "cfg.yaml")
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nproc-per-node=4", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
+            "--rdzv-id=job42", "--node-rank=1"} <= set(command)
+    single = torchrun_command(OmegaConf.create({"nnodes": 1}), 2, tmp_path, tmp_path / "cfg.yaml")
+    assert "--standalone" in single and not any(arg.startswith("--rdzv") for arg in single)
+    assert result_path(tmp_path, 0).name != result_path(tmp_path, 1).name
+
+
+def test_other_nodes_of_a_multi_node_run_keep_their_own_lock_and_summary(tmp_path):
+    from app.run import RunDirectory, node_suffix
+
+    cfg = OmegaConf.create({"hardware": {"nnodes": 2, "node_rank": 1}})
+    first, second = RunDirectory(tmp_path), RunDirectory(tmp_path, node_suffix(cfg))
+    first.acquire(overwrite=False, resume=False)
+    summary = second.acquire(overwrite=False, resume=False)  # would refuse as "in use" on one lock
+    assert summary.path.name == "summary.node1.json"
+    first.release()
+    second.release()

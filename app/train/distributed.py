@@ -27,8 +27,13 @@ from app.secrets import redact
 
 log = logging.getLogger("thresher")
 
-WORKER_CONFIG = ".train_config.yaml"
-WORKER_RESULT = ".train_result.json"
+WORKER_CONFIG = ".train_config{node}.yaml"
+WORKER_RESULT = ".train_result{node}.json"
+
+
+def result_path(run_dir: Path, node_rank: int) -> Path:
+    """Each node's first worker reports to its own node's thresher."""
+    return run_dir / WORKER_RESULT.format(node=f".node{node_rank}" if node_rank else "")
 
 
 def processes_per_node(hardware: DictConfig, device) -> int:
@@ -60,11 +65,12 @@ def launch_if_distributed(cfg: DictConfig, run_dir: Path, device) -> Optional[Di
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise UserError(f"hardware.nproc_per_node={nproc} but {torch.cuda.device_count()} GPU(s) are visible: "
                         f"use at most that many, or -1 for one per GPU")
-    config_path = run_dir / WORKER_CONFIG
+    config_path = run_dir / WORKER_CONFIG.format(node=f".node{cfg.hardware.node_rank}" if cfg.hardware.node_rank else "")
     # Resolved so the workers see the same values; secrets stay out (the workers read them from the
     # environment they inherit).
     atomic.write_text(config_path, redact(OmegaConf.to_yaml(cfg, resolve=True)))
-    (run_dir / WORKER_RESULT).unlink(missing_ok=True)
+    own_result = result_path(run_dir, cfg.hardware.node_rank)
+    own_result.unlink(missing_ok=True)
     command = torchrun_command(cfg.hardware, nproc, run_dir, config_path)
     log.info("train: starting %d processes on this node (of %d node(s)) with torchrun", nproc, cfg.hardware.nnodes)
     process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -79,12 +85,11 @@ def launch_if_distributed(cfg: DictConfig, run_dir: Path, device) -> Optional[Di
         raise
     if code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT):
         raise Interrupted(signal.SIGTERM if abs(code) in (signal.SIGTERM, 128 + signal.SIGTERM) else signal.SIGINT)
-    result_path = run_dir / WORKER_RESULT
-    if code != 0 or not result_path.is_file():
+    if code != 0 or not own_result.is_file():
         raise RuntimeError(f"distributed training failed (torchrun exit code {code}); the workers' errors are above "
                            f"and in {run_dir / 'thresher.log'}")
-    result = json.loads(result_path.read_text())
-    result_path.unlink()
+    result = json.loads(own_result.read_text())
+    own_result.unlink()
     config_path.unlink(missing_ok=True)
     return result
 
@@ -129,8 +134,8 @@ def worker_main(argv: List[str]) -> int:
     try:
         seed_everything(cfg.seed)
         result = fit(cfg, run_dir, device, rank=rank, world_size=world_size)
-        if rank == 0:
-            atomic.write_json(run_dir / WORKER_RESULT, asdict(result))
+        if local_rank == 0:
+            atomic.write_json(result_path(run_dir, int(os.environ.get("GROUP_RANK", 0))), asdict(result))
         return 0
     except Interrupted as stop:
         return 128 + stop.signum

@@ -1,0 +1,138 @@
+"""Loop overhead: thresher's training loop against a minimal hand-written PyTorch loop.
+
+Both train the same torchvision model on the same files with the same batch size, the same
+preprocessing (a plain resize to data.image_size and ImageNet normalisation: thresher's
+augmentations set to do exactly that) and the same DataLoader workers, for one epoch each,
+alternating A B A B so that a change in the machine's load hits both. The figure is thresher's
+images/s over the hand loop's, per pair, and their median.
+
+    .venv/bin/python bench/bench_train_loop.py --images 960 --model resnet18 --image-size 64 \
+        --batch-size 32 --rounds 3 [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class HandFiles(Dataset):
+    def __init__(self, root: Path, files, labels, size: int):
+        self.root, self.files, self.labels = root, files, labels
+        self.transform = v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True),
+                                     v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        with Image.open(self.root / self.files[index]) as image:
+            return self.transform(image.convert("RGB")), self.labels[index]
+
+
+def hand_loop(args, input_dir: Path, files, labels, device) -> float:
+    """The loop a user would write in ten lines; returns images/s over one epoch."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(args.model, num_classes=3).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    loader = DataLoader(HandFiles(input_dir, files, labels, args.image_size), batch_size=args.batch_size,
+                        shuffle=True, num_workers=args.workers, drop_last=False,
+                        pin_memory=device.type == "cuda")
+    model.train()
+    seen = 0
+    started = time.perf_counter()
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        loss = torch.nn.functional.cross_entropy(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        float(loss)  # thresher reads the loss every step too (progress, divergence check)
+        seen += len(targets)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - started)
+
+
+def thresher_loop(args, run_dir: Path, device) -> float:
+    """thresher's own fit() for one epoch, without validation; returns its images/s."""
+    from app.cli import compose
+    from app.config import register_configs, register_resolvers
+    from app.train.loop import fit
+
+    register_configs()
+    register_resolvers()
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    cfg = compose([f"model={args.model}", f"data.image_size={args.image_size}", "trainer.epochs=1",
+                   f"trainer.batch_size={args.batch_size}", "trainer.val_fraction=0",
+                   "data.augment.hflip=0", "data.augment.resize.keep_ratio=false",
+                   f"hardware.num_workers={args.workers}", f"work_dir={run_dir.parent}"])
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    result = fit(cfg, run_dir, device)
+    wall = time.perf_counter() - started
+    return result.n_train / wall if args.wall else result.images_per_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=960)
+    parser.add_argument("--shapes-size", type=int, default=96)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--wall", action="store_true",
+                        help="time thresher by the wall clock around fit() (model build included)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    work = Path(tempfile.mkdtemp(prefix="thresher-bench-"))
+    env = {**os.environ, "THRESHER_CACHE_DIR": str(work / "cache"), "THRESHER_WORK_DIR": str(work / "runs")}
+    subprocess.run([sys.executable, "-m", "app", "stages=[scan]", "run_directory=bench",
+                    f"data.n_images={args.images}", f"data.shapes_image_size={args.shapes_size}"],
+                   env=env, cwd=ROOT, check=True, capture_output=True)
+    os.environ.update(env)
+    run_dir = work / "runs/bench"
+    from app.train.data import selected_files
+
+    input_dir, files, labels, _ = selected_files(run_dir)
+
+    pairs = []
+    for round_index in range(args.rounds):
+        hand = hand_loop(args, input_dir, files, labels, device)
+        ours = thresher_loop(args, run_dir, device)
+        load = os.getloadavg()[0]
+        pairs.append({"round": round_index + 1, "hand_images_per_s": round(hand, 1),
+                      "thresher_images_per_s": round(ours, 1), "ratio": round(ours / hand, 3),
+                      "load_average_1m": round(load, 2)})
+        print(json.dumps(pairs[-1]), flush=True)
+    summary = {"model": args.model, "images": len(files), "image_size": args.image_size,
+               "batch_size": args.batch_size, "workers": args.workers, "device": str(device),
+               "torch_threads": torch.get_num_threads(), "median_ratio": statistics.median(p["ratio"] for p in pairs),
+               "rounds": pairs}
+    print(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
