@@ -29,6 +29,8 @@ def requirements(pyproject: str, extras: str) -> list:
 
 
 def check_torch(variant: str) -> None:
+    """The torch build asked for, and a torchvision whose compiled ops load with it: PyPI's
+    torchvision beside a CPU-only torch imports only as far as a missing libcudart."""
     import torch
 
     cuda = torch.version.cuda
@@ -38,6 +40,16 @@ def check_torch(variant: str) -> None:
     if (cuda is None) != (variant == "cpu"):
         sys.exit(f"TORCH_VARIANT={variant}, but torch {torch.__version__} (CUDA {cuda or 'none'}) was "
                  f"installed: put the {variant} wheels of torch and torchvision in wheelhouse/")
+    try:
+        import torchvision
+        from torchvision.ops import nms
+
+        nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([1.0]), 0.5)
+    except Exception as error:  # RuntimeError: operator torchvision::nms does not exist, ...
+        sys.exit(f"torchvision does not work with torch {torch.__version__} ({type(error).__name__}: "
+                 f"{str(error).splitlines()[0]}): install the torchvision build made for this torch "
+                 f"(for cpu, from the same index)")
+    print(f"torchvision {torchvision.__version__}: its ops load")
 
 
 if __name__ == "__main__":

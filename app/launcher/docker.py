@@ -414,12 +414,13 @@ class SweepRunner:
                 pending = set(futures)
                 while pending:  # a timeout so that the signal handler gets to run
                     _, pending = wait(pending, timeout=1.0)
+                pool.shutdown(wait=True)
             except SweepInterrupted as stop:
                 stopped_by = stop.signum
                 for signum in handlers:
                     signal.signal(signum, self._hurry)
                 self.stop_all()
-            pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
