@@ -135,6 +135,19 @@ def test_a_job_writes_its_run_directory_where_a_local_multirun_would(tmp_path):
     assert "device_requests" not in kwargs  # a host without the NVIDIA runtime refuses any
 
 
+def test_a_bucket_input_is_left_to_the_job_and_a_bucket_work_dir_is_refused(tmp_path):
+    from app.launcher.docker import plan_job
+
+    overrides = ["data=folder", "data.input_dir=s3://bucket/images"]
+    job = plan_job(hydra_config(tmp_path, overrides), overrides, 0)
+    assert job.host_input_dir is None
+    assert "data.input_dir=s3://bucket/images" in job.command
+    assert "data.input_dir=/data/input" not in job.command
+
+    with pytest.raises(UserError, match="work_dir=s3://bucket/runs is a bucket"):
+        plan_job(hydra_config(tmp_path, ["work_dir=s3://bucket/runs"]), [], 0)
+
+
 def test_gpus_go_round_robin_as_device_requests(tmp_path):
     from app.launcher.docker import GpuPool, LauncherOptions, container_kwargs, plan_job
 

@@ -150,7 +150,7 @@ def container_command(overrides: Sequence[str], host_work_dir: Path, host_input_
     mapping = [(host_work_dir, CONTAINER_WORK_DIR)]
     if host_input_dir is not None:
         mapping.insert(0, (host_input_dir, CONTAINER_INPUT_DIR))
-    replaced = {"work_dir", "data.input_dir", "hydra.run.dir"}
+    replaced = {"work_dir", "hydra.run.dir"} | ({"data.input_dir"} if host_input_dir is not None else set())
     command = []
     for override in overrides:
         if _key_of(override) in replaced:
@@ -166,12 +166,19 @@ def container_command(overrides: Sequence[str], host_work_dir: Path, host_input_
 
 def plan_job(sweep_config: DictConfig, overrides: Sequence[str], num: int) -> Job:
     """Where job `num` of the sweep writes on the host and in the container."""
+    from app.config import is_url
+
+    if is_url(sweep_config.work_dir):
+        raise UserError(f"work_dir={sweep_config.work_dir} is a bucket: hydra/launcher=docker mounts a "
+                        f"local work_dir at {CONTAINER_WORK_DIR} so that every job's run directory lands "
+                        f"under the sweep directory; use a local folder (a bucket data.input_dir works)")
     sweep_dir = Path(os.path.abspath(str(sweep_config.hydra.sweep.dir)))
     host_run_dir = sweep_dir / str(sweep_config.hydra.sweep.subdir)
     host_work_dir = Path(os.path.abspath(os.path.expanduser(str(sweep_config.work_dir))))
     host_input_dir = None
     data = sweep_config.get("data")
-    if data is not None and data.get("input_dir") is not None:
+    # A bucket input_dir is read by the job itself (credentials by name in launcher.environment).
+    if data is not None and data.get("input_dir") is not None and not is_url(data.input_dir):
         host_input_dir = Path(os.path.abspath(os.path.expanduser(str(data.input_dir))))
         if not host_input_dir.is_dir():
             raise UserError(f"data.input_dir={str(data.input_dir)!r} is not a folder on this host: the "
