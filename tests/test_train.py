@@ -122,8 +122,9 @@ def test_sgd_with_momentum_step_schedule_and_warmup_follow_the_named_torch_class
     assert [pytest.approx(float(r["lr"])) for r in rows] == [0.025, 0.1, 0.05, 0.025]
 
 
-def test_tensorboard_logger_writes_event_files(env, tmp_path):
-    result = thresher([*TRAIN_ONLY, "logger=tensorboard", "logger.log_every_n_steps=1"], env, tmp_path)
+def test_tensorboard_logger_writes_event_files_under_bf16_autocast_and_channels_last(env, tmp_path):
+    result = thresher([*TRAIN_ONLY, "logger=tensorboard", "logger.log_every_n_steps=1", "trainer.amp=bf16",
+                       "trainer.channels_last=true"], env, tmp_path)
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(tmp_path / "runs")
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -243,3 +244,11 @@ def test_other_nodes_of_a_multi_node_run_keep_their_own_lock_and_summary(tmp_pat
     assert summary.path.name == "summary.node1.json"
     first.release()
     second.release()
+
+
+def test_left_and_right_keypoints_swap_names_after_a_flip():
+    from app.train.data import keypoint_flip_index
+
+    names = ["nose", "left_eye", "right_eye", "left_ear", "right_ear"]
+    assert keypoint_flip_index(names) == [0, 2, 1, 4, 3]
+    assert keypoint_flip_index(["corner_0", "corner_1"]) is None

@@ -122,6 +122,25 @@ def split(files: Sequence[str], val_fraction: float, val_filenames_file: Optiona
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
+def keypoint_flip_index(names: Sequence[str]) -> Optional[List[int]]:
+    """After a horizontal flip a left keypoint is the right one: COCO's `left_eye`/`right_eye` (or
+    `eye_left`, `L_eye`...) swap places. None when no name has a partner."""
+    import re
+
+    swaps = [("left", "right"), ("Left", "Right"), ("LEFT", "RIGHT"), ("l_", "r_"), ("L_", "R_")]
+
+    def partner(name: str) -> Optional[str]:
+        for a, b in swaps:
+            for x, y in ((a, b), (b, a)):
+                if x in name:
+                    return re.sub(re.escape(x), y, name, count=1)
+        return None
+
+    position = {name: i for i, name in enumerate(names)}
+    index = [position.get(partner(name) or "", i) for i, name in enumerate(names)]
+    return index if index != list(range(len(names))) else None
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A distinct, reproducible seed for one sample in one epoch."""
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63)

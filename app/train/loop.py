@@ -11,6 +11,7 @@ epoch train (one `train_step` a batch), evaluate, step the scheduler, save.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -27,7 +28,8 @@ from app import atomic
 from app.progress import Progress
 from app.run import Interrupted
 from app.train import checkpoints
-from app.train.data import EpochBatches, TrainingImages, loader_settings, make_collate, training_data
+from app.train.data import (EpochBatches, TrainingImages, keypoint_flip_index, loader_settings, make_collate,
+                            training_data)
 from app.train.loggers import MetricLoggers, write_metrics_csv
 from app.train.optim import build_optimizer, build_scheduler, check_optim_config, step_scheduler
 from app.train.stopping import stop_at_step_boundary
@@ -132,9 +134,11 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
     settings = loader_settings(cfg.hardware, device, trainer.batch_size, image_shape)
     collate = make_collate(task, data.targets)
     normalize = task == "classification"
+    flip_index = keypoint_flip_index(data.annotations.keypoint_names) if task == "keypoints" else None
     train_set = TrainingImages(data.input_dir, data.files, data.targets,
-                               build_transform(cfg.data.augment, cfg.data.image_size, train=True, normalize=normalize),
-                               size_ok=lambda w, h: input_size_ok(w, h, cfg.data.augment))
+                               build_transform(cfg.data.augment, cfg.data.image_size, train=True, normalize=normalize,
+                                               keypoint_flip_index=flip_index),
+                               size_ok=functools.partial(input_size_ok, augment=cfg.data.augment))
     val_set = TrainingImages(data.input_dir, data.files, data.targets,
                              build_transform(cfg.data.augment, cfg.data.image_size, train=False, normalize=normalize))
     batches = EpochBatches(data.train_index, trainer.batch_size, cfg.seed, shuffle=True, rank=rank,
