@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -259,6 +260,22 @@ class VideoReader:
 
 
 _open_videos = threading.local()
+
+
+_inherited: list = []
+
+
+def _forget_inherited_videos() -> None:
+    """A forked DataLoader worker must not read through its parent's open videos (the file offsets
+    are shared between the processes), nor close them: their decoder threads did not come along,
+    and closing would wait for them. They are set aside, untouched."""
+    readers = getattr(_open_videos, "readers", None)
+    if readers:
+        _inherited.append(readers)
+    _open_videos.readers = OrderedDict()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_videos)
 
 
 def read_frame(key: str, open_source: Callable[[], Any], number: int):
