@@ -234,3 +234,21 @@ def test_selection_from_videos_on_the_command_line(env, tmp_path):
     again = write_report(run_dir, show_video_sampling_timeline=False)
     assert "plots/video_sampling_timeline.png" not in again.artifacts
     assert not (run_dir / "plots/video_sampling_timeline.png").exists()
+
+
+def test_loader_workers_read_frames_after_the_parent_opened_the_video(tmp_path):
+    from app.data.images import ImageFiles, image_transform, make_loader
+
+    path = make_video(tmp_path / "clip.mp4", n_frames=24)
+    names = [f"clip-{i:02d}-mp4.png" for i in range(24)]
+    open_image(tmp_path, names[5])  # the parent holds the video open when the workers fork
+    loader = make_loader(ImageFiles(tmp_path, names, [0] * 24, image_transform(32)), batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert all(not failures for *_, failures in batches)
+    indices = sorted(int(i) for _, _, batch_indices, _ in batches for i in batch_indices)
+    assert indices == list(range(24))
+    single = ImageFiles(tmp_path, names, [0] * 24, image_transform(32))
+    first_batch = batches[0][0]
+    assert all(np.allclose(first_batch[k].numpy(), single[k][0].numpy()) for k in range(4)), \
+        "each worker decodes the frame it was asked for"
+    assert path.is_file()
