@@ -192,6 +192,25 @@ def test_secrets_reach_the_container_by_name_only(tmp_path, monkeypatch):
     assert "names only" in str(refused.value)
 
 
+def test_each_jobs_exit_code_goes_into_hydras_job_return(tmp_path):
+    from hydra.core.utils import JobStatus
+
+    from app.launcher.docker import JobFailed, JobOutcome, job_return, plan_job
+
+    finished = plan_job(hydra_config(tmp_path, ["seed=1"], num=0), ["seed=1"], 0)
+    failed = plan_job(hydra_config(tmp_path, ["seed=2"], num=1), ["seed=2"], 1)
+
+    ok = job_return(finished, JobOutcome(finished, "finished", exit_code=0))
+    assert (ok.status, ok.return_value, ok.overrides) == (JobStatus.COMPLETED, 0, ["seed=1"])
+    assert ok.working_dir == str(finished.host_run_dir)
+    assert "hydra" not in ok.cfg and ok.cfg.seed == 1
+
+    bad = job_return(failed, JobOutcome(failed, "failed", exit_code=2))
+    assert bad.status == JobStatus.FAILED
+    with pytest.raises(JobFailed, match=f"job 1 exited 2; its log: {failed.log_path}"):
+        bad.return_value
+
+
 def test_sweep_summary_reads_each_jobs_numbers_defensively(tmp_path):
     from app.launcher.docker import Job, JobOutcome, write_sweep_summary
 
