@@ -127,7 +127,7 @@ def _key_of(override: str) -> str:
 
 def _hydra_value(text: str) -> str:
     """A path as a Hydra override value: quoted when it holds characters the grammar treats specially."""
-    if re.fullmatch(r"[\w./@:-]+", text):
+    if re.fullmatch(r"[\w./:-]+", text):
         return text
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -368,6 +368,8 @@ class SweepRunner:
             if self.stopping:
                 return JobOutcome(job, "interrupted", container=getattr(container, "name", None))
             message = redact(_docker_message(error))
+            if "could not select device driver" in message:
+                message += " (no NVIDIA container runtime on this engine: hydra.launcher.gpus_per_job=0 runs on CPU)"
             self.say(f"[job {job.num}] could not run: {message}")
             try:
                 with open(job.log_path, "a") as log_file:
