@@ -389,3 +389,22 @@ def test_sigint_stops_and_removes_every_container_of_the_sweep(docker_client, la
     assert "sweep stopped by SIGINT: removed 2 container(s)" in output
     summary = json.loads((the_sweep_dir(tmp_path / "runs") / "sweep_summary.json").read_text())
     assert [row["status"] for row in summary["jobs"]] == ["interrupted", "interrupted"]
+
+
+@pytest.mark.docker
+def test_a_gpu_job_on_an_engine_without_the_nvidia_runtime_fails_alone_and_says_why(
+        docker_client, launcher_env, tmp_path):
+    if any("nvidia" in name for name in docker_client.info().get("Runtimes", {})):
+        pytest.skip("this engine has the NVIDIA runtime")
+    label = f"thresher_test={uuid.uuid4().hex}"
+    try:
+        process = thresher(["-m", "hydra/launcher=docker", "hydra.launcher.gpus_per_job=1",
+                            "hydra.launcher.gpu_ids=[0]", *TINY, f"+hydra.launcher.labels.{label}"],
+                           launcher_env, tmp_path)
+        assert containers_labelled(docker_client, label) == []
+    finally:
+        remove_labelled(docker_client, label)
+    assert process.returncode != 0
+    assert "hydra.launcher.gpus_per_job=0 runs on CPU" in process.stderr
+    [row] = json.loads((the_sweep_dir(tmp_path / "runs") / "sweep_summary.json").read_text())["jobs"]
+    assert row["status"] == "failed" and row["gpus"] == ["0"]
