@@ -362,7 +362,8 @@ def test_a_failing_job_is_listed_with_its_log_and_its_exit_code(docker_client, l
 
 
 @pytest.mark.docker
-def test_sigint_stops_and_removes_every_container_of_the_sweep(docker_client, launcher_env, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_and_removes_every_container_of_the_sweep(docker_client, launcher_env, tmp_path, signum):
     label = f"thresher_test={uuid.uuid4().hex}"
     sweep = subprocess.Popen(
         [sys.executable, "-m", "app", "-m", "hydra/launcher=docker", "sampler=random,coreset",
@@ -375,7 +376,7 @@ def test_sigint_stops_and_removes_every_container_of_the_sweep(docker_client, la
             assert sweep.poll() is None, sweep.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the sweep's containers did not start"
             time.sleep(0.2)
-        sweep.send_signal(signal.SIGINT)
+        sweep.send_signal(signum)
         output, _ = sweep.communicate(timeout=180)
     finally:
         if sweep.poll() is None:
@@ -385,8 +386,8 @@ def test_sigint_stops_and_removes_every_container_of_the_sweep(docker_client, la
         remove_labelled(docker_client, label)
 
     assert left_behind == []
-    assert sweep.returncode == 128 + signal.SIGINT, output[-3000:]
-    assert "sweep stopped by SIGINT: removed 2 container(s)" in output
+    assert sweep.returncode == 128 + signum, output[-3000:]
+    assert f"sweep stopped by {signal.Signals(signum).name}: removed 2 container(s)" in output
     summary = json.loads((the_sweep_dir(tmp_path / "runs") / "sweep_summary.json").read_text())
     assert [row["status"] for row in summary["jobs"]] == ["interrupted", "interrupted"]
 
