@@ -8,6 +8,7 @@ from typing import List, Optional, Tuple
 from PIL import Image
 
 from app import atomic
+from app.data.images import open_image
 from app.progress import Progress
 
 log = logging.getLogger("thresher")
@@ -37,12 +38,10 @@ def dump_images(input_dir: Path, files: List[str], target: Path, size: Optional[
         for name in files:
             destination = (target / name).with_suffix(f".{image_format}")
             try:
-                with Image.open(input_dir / name) as image:
-                    picture = resized(image, size)
-                    if pil_format == "JPEG" and picture.mode not in ("RGB", "L"):
-                        picture = picture.convert("RGB")
-                    with atomic.atomic_path(destination) as tmp:
-                        picture.save(tmp, format=pil_format)
+                # open_image reads folders, video frames and bucket objects alike
+                picture = resized(open_image(input_dir, name), size)
+                with atomic.atomic_path(destination) as tmp:
+                    picture.save(tmp, format=pil_format)
             except Exception as error:  # a file that went bad since the scan: report, go on
                 failures.append((name, f"{type(error).__name__}: {error}"))
                 log.warning("dump_dataset: %s skipped (%s)", name, error)

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from app import atomic
-from app.config import UserError
+from app.config import UserError, is_url
 from app.run import Interrupted
 from app.secrets import redact
 
@@ -66,9 +66,9 @@ def launch_if_distributed(cfg: DictConfig, run_dir: Path, device) -> Optional[Di
         raise UserError(f"hardware.nproc_per_node={nproc} but {torch.cuda.device_count()} GPU(s) are visible: "
                         f"use at most that many, or -1 for one per GPU")
     config_path = run_dir / WORKER_CONFIG.format(node=f".node{cfg.hardware.node_rank}" if cfg.hardware.node_rank else "")
-    # Resolved so the workers see the same values; secrets stay out (the workers read them from the
-    # environment they inherit).
-    atomic.write_text(config_path, redact(OmegaConf.to_yaml(cfg, resolve=True)))
+    # Unresolved: ${secret:NAME} stays a reference that each worker resolves from the environment
+    # it inherits, so no secret value is written to disk.
+    atomic.write_text(config_path, redact(OmegaConf.to_yaml(cfg, resolve=False)))
     own_result = result_path(run_dir, cfg.hardware.node_rank)
     own_result.unlink(missing_ok=True)
     command = torchrun_command(cfg.hardware, nproc, run_dir, config_path)
@@ -122,7 +122,14 @@ def worker_main(argv: List[str]) -> int:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     _configure_worker_logging(run_dir, rank)
+    from app.config import register_resolvers
+
+    register_resolvers()
     cfg = OmegaConf.load(config_path)
+    if cfg.get("storage_options") is not None and is_url(cfg.data.get("input_dir")):
+        from app.data.sources import configure_storage
+
+        configure_storage(OmegaConf.to_container(cfg.storage_options, resolve=True))
     if cfg.hardware.device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
