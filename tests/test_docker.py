@@ -194,6 +194,23 @@ def test_run_writes_a_finished_run_to_the_output_mount_and_never_the_token(image
     assert files_containing(output_dir, token.encode()) == []
 
 
+def test_docker_default_small_shm_with_loader_workers_warns_and_trains_without_a_bus_error(
+        image, input_dir, output_dir):
+    name = container_name()
+    try:
+        # No --shm-size: Docker's 64 MB /dev/shm cannot hold 2 workers' batches of 224 px images.
+        process = docker("run", "--rm", "--name", name, *user_args(), *mounts(input_dir, output_dir), image,
+                         "data=folder", "sampler=none", "trainer.epochs=1", "data.image_size=224",
+                         "trainer.batch_size=16", "hardware=cpu", "hardware.num_workers=2")
+    finally:
+        remove_container(name)
+    output = (process.stdout + process.stderr).decode(errors="replace")
+    assert process.returncode == 0, tail(process.stdout + process.stderr)
+    assert "/dev/shm has" in output and "--shm-size" in output
+    assert "Bus error" not in output
+    assert read_summary(the_run_directory(output_dir))["stages"]["train"]["status"] == "finished"
+
+
 def test_docker_stop_interrupts_a_run_cleanly_with_exit_143(image, input_dir, output_dir):
     name = container_name()
     try:

@@ -252,3 +252,19 @@ def test_left_and_right_keypoints_swap_names_after_a_flip():
     names = ["nose", "left_eye", "right_eye", "left_ear", "right_ear"]
     assert keypoint_flip_index(names) == [0, 2, 1, 4, 3]
     assert keypoint_flip_index(["corner_0", "corner_1"]) is None
+
+
+def test_validation_by_a_list_of_file_names_or_by_a_seeded_fraction(tmp_path):
+    from app.config import UserError
+    from app.train.data import split
+
+    files = [f"c/{i}.png" for i in range(10)]
+    listed = tmp_path / "val.txt"
+    listed.write_text("c/3.png\nc/7.png\nnot/there.png\n")
+    train, val = split(files, 0.2, str(listed), seed=0)
+    assert val == [3, 7] and train == [i for i in range(10) if i not in (3, 7)]
+    assert split(files, 0.3, None, seed=1) == split(files, 0.3, None, seed=1)
+    assert len(split(files, 0.3, None, seed=1)[1]) == 3
+    listed.write_text("none/of/these.png\n")
+    with pytest.raises(UserError, match="names none of the 10 training images"):
+        split(files, 0.2, str(listed), seed=0)
