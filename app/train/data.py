@@ -171,7 +171,9 @@ class TrainingImages(Dataset):
                 tensor, target = self.transform(image, _as_target(target))
             else:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                    # Only the CPU generator: torch.manual_seed would also queue a CUDA seeding,
+                    # and that records a stack trace each call (half a millisecond a sample).
+                    torch.default_generator.manual_seed(seed)
                     tensor, target = self.transform(image, _as_target(target))
             return tensor, target, index, None
         except Exception as error:  # decoded fine at scan time, or the check was off

@@ -152,15 +152,20 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
     config = OmegaConf.to_container(cfg, resolve=False)
     loggers = MetricLoggers(run_dir, cfg.logger, config, resume_step=position.step) if main_process else None
 
-    def save_state(path: Path, position: Position) -> None:
-        checkpoints.save(path, {
+    saver = checkpoints.BackgroundSaver()
+
+    def full_state(position: Position) -> Dict[str, Any]:
+        return {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(), "epoch": position.epoch, "batch": position.batch,
             "global_step": position.step, "sums": position.sums, "history": position.history,
             "best": position.best, "rng": checkpoints.rng_state(), "task": task, "model_name": cfg.model.name,
             "classes": list(data.classes), "num_keypoints": data.num_keypoints,
-            "image_size": cfg.data.image_size, "split": split_id, "config": config})
+            "image_size": cfg.data.image_size, "split": split_id, "config": config}
+
+    def save_stopped(position: Position) -> None:
+        saver.save([(run_dir / checkpoints.LAST, full_state(position))], background=False)
 
     try:
         with stop_at_step_boundary() as stop:
@@ -175,7 +180,7 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
                                           loggers, desc, batches.n_samples(), main_process)
                 if stopped:
                     if main_process:
-                        save_state(run_dir / checkpoints.LAST, position)
+                        save_stopped(position)
                         log.warning("train: stopped at epoch %d, batch %d; saved %s", epoch + 1, position.batch,
                                     checkpoints.LAST)
                     raise Interrupted(stop.signum)
@@ -183,18 +188,19 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
                 if main_process and data.val_index:
                     evaluator = make_evaluator(task, data.annotations)
                     if not evaluate(model, val_loader, device, evaluator, amp_dtype, trainer.channels_last, stop):
-                        save_state(run_dir / checkpoints.LAST, position)
+                        save_stopped(position)
                         raise Interrupted(stop.signum)
                     record.update(evaluator.compute())
                 step_scheduler(scheduler, record, key_metric)
                 position.epoch, position.batch, position.sums = epoch + 1, 0, {}
                 position.history.append(record)
                 if main_process:
-                    finish_epoch(run_dir, position, record, key_metric, key_mode, trainer, save_state, loggers,
-                                 data, cfg)
+                    finish_epoch(run_dir, position, record, key_metric, key_mode, trainer,
+                                 saver, full_state(position), loggers, data, cfg)
                 if world_size > 1:
                     torch.distributed.barrier()
     finally:
+        saver.wait()  # the stage is finished only when last.pt is on disk
         if loggers is not None:
             loggers.close()
     final = position.history[-1]
@@ -314,15 +320,18 @@ def epoch_record(epoch: int, position: Position, optimizer) -> Dict[str, Any]:
 
 
 def finish_epoch(run_dir: Path, position: Position, record: Dict[str, Any], key_metric: str, key_mode: str,
-                 trainer, save_state, loggers, data, cfg) -> None:
+                 trainer, saver, state: Dict[str, Any], loggers, data, cfg) -> None:
+    """Checkpoints (written in the background), metrics files and the epoch's log line."""
     value = record.get(key_metric)
     best = position.best
+    files = []
     if value is not None and (best is None or (value > best["value"] if key_mode == "max" else value < best["value"])):
-        position.best = {"epoch": record["epoch"], "metric": key_metric, "value": value}
-        save_state(run_dir / checkpoints.BEST, position)
+        position.best = state["best"] = {"epoch": record["epoch"], "metric": key_metric, "value": value}
+        files.append((run_dir / checkpoints.BEST, checkpoints.for_inference(state)))
     if trainer.save_epochs and record["epoch"] % trainer.save_epochs == 0:
-        save_state(run_dir / checkpoints.epoch_checkpoint(record["epoch"]), position)
-    save_state(run_dir / checkpoints.LAST, position)
+        files.append((run_dir / checkpoints.epoch_checkpoint(record["epoch"]), state))
+    files.insert(0, (run_dir / checkpoints.LAST, state))
+    saver.save(files)
     write_metrics_csv(run_dir, position.history)
     atomic.write_json(run_dir / METRICS, {
         "task": cfg.model.task, "model": cfg.model.name, "classes": list(data.classes),
