@@ -128,12 +128,10 @@ class FolderDataConfig(DataConfig):
 
 
 @dataclass
-class CocoDataConfig(DataConfig):
+class CocoDataConfig(FolderDataConfig):
     """Images under input_dir, boxes and keypoints in a COCO JSON file (file_name relative to it)."""
     name: str = "coco"
-    input_dir: str = "/data/input"
     annotations: str = "/data/input/annotations.json"
-    relevant_filenames_file: Optional[str] = None
 
 
 @dataclass

@@ -21,6 +21,8 @@ import pytest
 
 pytestmark = pytest.mark.docker
 
+from conftest import in_ci, unavailable
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("THRESHER_IMAGE", "thresher:latest")
 LOCAL_BASE_IMAGE = "thresher-base:bookworm"
@@ -30,17 +32,6 @@ RANDOM_20 = ["data=folder", "sampler=random", "sampler.stopping_condition.n_samp
 QUICK_RUN = [*RANDOM_20, "trainer.epochs=1"]
 RUN_TIMEOUT_S = 900
 STOP_TIMEOUT_S = 30
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    """Skip, except under CI, where a Docker test that cannot run is a failure."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: the Docker tests must run, not skip)", pytrace=False)
-    pytest.skip(reason)
 
 
 def docker(*args: str, timeout: float = RUN_TIMEOUT_S, env: Optional[Dict[str, str]] = None,

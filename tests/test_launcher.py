@@ -22,22 +22,13 @@ import pytest
 
 from app.config import UserError
 
+from conftest import in_ci, unavailable
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("THRESHER_IMAGE", "thresher:latest")
 TINY = ["data.image_size=32", "hardware=cpu", "sampler.batch_size=16"]
 SELECT_ONLY = "stages=[scan,embed,select]"
 SWEEP_TIMEOUT_S = 600
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    """Skip, except under CI, where a Docker test that cannot run is a failure."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: the Docker tests must run, not skip)", pytrace=False)
-    pytest.skip(reason)
 
 
 def thresher(args: List[str], env: dict, cwd: Path, timeout: float = SWEEP_TIMEOUT_S) -> subprocess.CompletedProcess:

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from hydra_plugins.thresher_docker_launcher.config import DockerLauncherConf
 from app import atomic
 from app.config import UserError
 from app.secrets import redact, register_secret
@@ -61,19 +62,9 @@ class SweepInterrupted(BaseException):
 # Options
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class LauncherOptions:
+class LauncherOptions(DockerLauncherConf):
+    """The launcher's options (hydra.launcher.*, documented in the plugin's config), checked."""
     image: str = "thresher:latest"
-    max_parallel: Optional[int] = None
-    gpus_per_job: int = 0
-    gpu_ids: Optional[List[str]] = None
-    user: Optional[str] = None
-    environment: List[str] = field(default_factory=lambda: ["THRESHER_TOKEN"])
-    volumes: List[str] = field(default_factory=list)
-    labels: Dict[str, str] = field(default_factory=dict)
-    shm_size: str = "2g"
-    network_mode: Optional[str] = None
-    stop_timeout_s: int = 10
-    create_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, options: Dict[str, Any]) -> "LauncherOptions":
