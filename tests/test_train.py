@@ -268,3 +268,14 @@ def test_validation_by_a_list_of_file_names_or_by_a_seeded_fraction(tmp_path):
     listed.write_text("none/of/these.png\n")
     with pytest.raises(UserError, match="names none of the 10 training images"):
         split(files, 0.2, str(listed), seed=0)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_saves_weights_that_load_into_the_plain_torchvision_model(env, tmp_path):
+    import torchvision
+
+    result = thresher([*TRAIN_ONLY, "trainer.compile=true"], env, tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = torch.load(only_run_dir(tmp_path / "runs") / "checkpoints/best.pt", weights_only=True)["model"]
+    assert not any(key.startswith("_orig_mod.") for key in weights)
+    torchvision.models.resnet18(num_classes=3).load_state_dict(weights)
