@@ -13,23 +13,32 @@ from app.config import UserError
 
 log = logging.getLogger("thresher")
 
+LISTED_AT_MOST = 1000
+
 
 def sanity_check(cfg: DictConfig, run_dir: Path, device) -> Dict[str, str]:
     import PIL
     import torch
     import torchvision
 
-    from app.data.scan import list_images, resolve_input_dir
+    from app.data.scan import IMAGE_EXTENSIONS, resolve_input_dir
+    from app.data.sources import source_for
+    from app.data.video import VIDEO_EXTENSIONS
 
     checks = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
 
-    input_dir = resolve_input_dir(cfg.data)
-    if not os.access(input_dir, os.R_OK | os.X_OK):
-        raise UserError(f"sanity check: input folder {input_dir} is not readable")
-    n_images = len(list_images(input_dir))
-    if n_images == 0:
-        raise UserError(f"sanity check: no images under {input_dir}")
-    checks["input"] = f"{input_dir}: {n_images} images"
+    # A folder or a bucket alike; a bucket is only listed as far as the first page or so.
+    source = source_for(resolve_input_dir(cfg.data))
+    if not source.exists() or (not source.is_url and not os.access(str(source), os.R_OK | os.X_OK)):
+        raise UserError(f"sanity check: input {source} is not there or not readable")
+    n_files = 0
+    for n_files, _ in enumerate(source.list_files(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS), start=1):
+        if source.is_url and n_files >= LISTED_AT_MOST:
+            break
+    if n_files == 0:
+        raise UserError(f"sanity check: no images or videos under {source}")
+    counted = f"at least {n_files}" if source.is_url and n_files >= LISTED_AT_MOST else str(n_files)
+    checks["input"] = f"{source}: {counted} images and videos"
 
     try:
         with tempfile.NamedTemporaryFile(dir=run_dir.parent, prefix=".thresher-write-test-"):

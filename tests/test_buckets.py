@@ -203,3 +203,18 @@ def test_a_run_from_bucket_to_bucket_on_the_command_line_keeps_the_credentials_s
                      env, tmp_path)
     assert again.returncode == 0, again.stderr
     assert "finished in an earlier run, skipped" in again.stdout + again.stderr
+
+
+def test_sanity_check_reaches_a_bucket_input_and_counts_what_is_there(s3, env, tmp_path):
+    fs, bucket = s3
+    upload_images(fs, f"{bucket}/data", ["a/1.png", "b/2.png", "b/3.png"])
+    env = {**env, **{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                "AWS_DEFAULT_REGION")}}
+    result = thresher(["sanity_check=true", "data=folder", f"data.input_dir=s3://{bucket}/data", "hardware=cpu"],
+                      env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"s3://{bucket}/data: 3 images and videos" in result.stdout
+    empty = thresher(["sanity_check=true", "data=folder", f"data.input_dir=s3://{bucket}/nothing", "hardware=cpu"],
+                     env, tmp_path)
+    assert empty.returncode == 2, empty.stderr
+    assert "not there" in empty.stderr or "no images" in empty.stderr
