@@ -287,8 +287,11 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, re
             summary.data["stages"][stage] = {"status": "skipped"}
             continue
         if resuming and not rerun_from_here and summary.stage_finished(stage):
-            log.info("stage %s: finished in an earlier run, skipped", stage)
-            continue
+            if not more_epochs_wanted(stage, cfg, summary):
+                log.info("stage %s: finished in an earlier run, skipped", stage)
+                continue
+            log.info("stage train: %d epochs finished in an earlier run; continuing to trainer.epochs=%d",
+                     summary.data["stages"]["train"]["epochs"], cfg.trainer.epochs)
         rerun_from_here = True  # a stage that runs again makes the later ones' artifacts stale
         module_name, function_name = STAGE_FUNCTIONS[stage]
         stage_function = getattr(importlib.import_module(module_name), function_name)
@@ -306,6 +309,12 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, re
         summary.save()
         sync_to_bucket(cfg, run_dir)
         log.info("stage %s: finished in %.1fs %s", stage, duration, _as_dict(result))
+
+
+def more_epochs_wanted(stage: str, cfg: DictConfig, summary: Summary) -> bool:
+    """`resume=true trainer.epochs=N` on a finished run trains on from its last.pt up to N epochs."""
+    finished = summary.data.get("stages", {}).get(stage, {}).get("epochs")
+    return stage == "train" and bool(cfg.resume) and finished is not None and cfg.trainer.epochs > finished
 
 
 def seed_everything(seed: int) -> None:

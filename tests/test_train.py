@@ -83,6 +83,20 @@ def test_sigterm_mid_training_then_resume_gives_the_weights_of_an_uninterrupted_
                        for r in read_rows(tmp_path / "runs/whole/metrics.csv")]
 
 
+def test_resume_with_more_epochs_trains_on_from_the_finished_run(env, tmp_path):
+    first = thresher([*TRAIN_ONLY, "run_directory=longer"], env, tmp_path)
+    assert first.returncode == 0, first.stderr
+    more = thresher([*TRAIN_ONLY, "run_directory=longer", "resume=true", "trainer.epochs=2"], env, tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert "continuing to trainer.epochs=2" in more.stdout and "stage scan: finished in an earlier run" in more.stdout
+    run_dir = tmp_path / "runs/longer"
+    assert [row["epoch"] for row in read_rows(run_dir / "metrics.csv")] == ["1", "2"]
+    stage = summary_of(run_dir)["stages"]["train"]
+    assert stage["epochs"] == 2 and stage["resumed_from"] == "epoch 1, batch 0"
+    again = thresher([*TRAIN_ONLY, "run_directory=longer", "resume=true", "trainer.epochs=2"], env, tmp_path)
+    assert again.returncode == 0 and "stage train: finished in an earlier run, skipped" in again.stdout
+
+
 def test_a_damaged_checkpoint_is_refused_not_loaded(env, tmp_path):
     first = thresher([*TRAIN_ONLY, "run_directory=damaged"], env, tmp_path)
     assert first.returncode == 0, first.stderr
