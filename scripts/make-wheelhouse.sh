@@ -4,7 +4,8 @@
 # thresher itself, so that `docker build --build-arg PIP_NO_INDEX=1 .` needs no network at all.
 # Reuses the wheelhouse when it already resolves everything offline.
 #
-#   scripts/make-wheelhouse.sh             (PYTHON=python3.11 to pick the host interpreter)
+#   scripts/make-wheelhouse.sh             (PYTHON=python3.11 to pick the host interpreter;
+#                                           EXTRAS=s3,gcs for an image built with those extras)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,18 +24,19 @@ fi
 
 requirements=$(mktemp /tmp/thresher-requirements.XXXXXX)
 trap 'rm -f "$requirements"' EXIT
-"$python" - "$torch_spec" "$torchvision_spec" > "$requirements" <<'PY'
-import sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-pins = {spec.split("=")[0]: spec for spec in sys.argv[1:]}
-for dep in project["dependencies"]:
+# The same requirements the Dockerfile installs (scripts/image-requirements.py), with the extras
+# named in EXTRAS (e.g. EXTRAS=s3 for `--build-arg EXTRAS=s3`) and torch/torchvision pinned.
+"$python" - "$torch_spec" "$torchvision_spec" "${EXTRAS:-}" > "$requirements" <<'PY'
+import runpy, sys
+requirements = runpy.run_path("scripts/image-requirements.py")["requirements"]
+pins = {spec.split("=")[0]: spec for spec in sys.argv[1:3]}
+for dep in requirements("pyproject.toml", sys.argv[3]):
     name = dep.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip()
     print(pins.pop(name, dep))
 print(*pins.values(), sep="\n")
 print("setuptools>=68")
 print("wheel")
 PY
-
 # The image's platform: glibc 2.36 (Debian bookworm) on x86_64. pip does not expand a
 # manylinux_2_X tag to the older ones it implies, so name them all.
 platforms=()
