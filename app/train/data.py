@@ -78,18 +78,12 @@ def training_data(cfg, run_dir: Path) -> TrainingData:
     else:
         # Labels from the annotation files: boxes and keypoints, or (classification) each
         # image's one category.
-        from app.train.annotations import load_annotations
+        from app.train.annotations import load_annotations, split_annotated
 
         annotations = load_annotations(cfg.data, input_dir, task)
         classes = list(annotations.classes)
         num_keypoints = int(annotations.num_keypoints)
-        kept_files = []
-        for f in files:
-            if f in annotations.targets:
-                kept_files.append(f)
-            else:
-                left_out[f] = annotations.skipped.get(f, "no annotation")
-        files = kept_files
+        files, left_out = split_annotated(files, annotations)
         targets = [annotations.targets[f] for f in files]
         if task == "classification":
             targets = [int(target["label"]) for target in targets]

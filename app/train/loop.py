@@ -37,7 +37,6 @@ from app.train.stopping import stop_at_step_boundary
 log = logging.getLogger("thresher")
 
 METRICS = "metrics.json"
-KEY_METRICS = {"classification": "val_top1", "detection": "val_map", "keypoints": "val_keypoints_map"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,7 +90,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> TrainRe
 def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainResult:
     from app.data.augment import build_transform, input_size_ok
     from app.train.metrics import make_evaluator
-    from app.train.task_models import build_model
+    from app.train.task_models import build_model, expects_normalized_images
 
     trainer, task = cfg.trainer, cfg.model.task
     main_process = rank == 0
@@ -133,7 +132,7 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
                    cfg.data.augment.resize.width or cfg.data.image_size)
     settings = loader_settings(cfg.hardware, device, trainer.batch_size, image_shape)
     collate = make_collate(task, data.targets)
-    normalize = task == "classification"
+    normalize = expects_normalized_images(task)
     flip_index = keypoint_flip_index(data.annotations.keypoint_names) if task == "keypoints" else None
     train_set = TrainingImages(data.input_dir, data.files, data.targets,
                                build_transform(cfg.data.augment, cfg.data.image_size, train=True, normalize=normalize,
@@ -267,12 +266,11 @@ def train_one_epoch(model, optimizer, scaler, amp_dtype, loader, device, positio
 
 def train_step(model, optimizer, scaler, amp_dtype, images, targets, device, clip_norm, channels_last: bool):
     """One optimisation step; returns (loss, its parts) as Python floats."""
-    from app.train.task_models import training_loss
+    from app.train.task_models import move_batch, training_loss
 
-    images = images.to(device, non_blocking=True)
+    images, targets = move_batch(images, targets, device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    targets = _to_device(targets, device)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss, parts = training_loss(model, images, targets)
     optimizer.zero_grad(set_to_none=True)
@@ -370,7 +368,9 @@ def key_metric_for(trainer, task: str, has_validation: bool):
         return trainer.key_metric, trainer.key_metric_mode
     if not has_validation:
         return "train_loss", "min"
-    return KEY_METRICS[task], "max"
+    from app.train.metrics import key_metric
+
+    return key_metric(task), "max"
 
 
 def autocast_dtype(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:

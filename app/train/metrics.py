@@ -41,8 +41,7 @@ def make_evaluator(task: str, annotations) -> "Evaluator":
 
 
 class Evaluator:
-    """Collects a validation epoch batch by batch; `records` can be gathered from every DDP rank
-    (torch.distributed.all_gather_object) and `merge`d into rank 0's before `compute`."""
+    """Collects a validation epoch batch by batch (rank 0 evaluates the whole set), then `compute`s."""
     records: list
 
     def update(self, outputs: Sequence[dict], targets) -> None:
@@ -51,8 +50,6 @@ class Evaluator:
     def compute(self) -> Dict[str, float]:
         raise NotImplementedError
 
-    def merge(self, records: list) -> None:
-        self.records.extend(records)
 
 
 class ClassificationEvaluator(Evaluator):

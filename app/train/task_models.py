@@ -1,7 +1,7 @@
 """The model for each training task, and the few calls that differ between tasks, so the loop
 does not need to know which task it trains.
 
-Batches (what `collate_fn(task)` makes and what `training_loss` / `predict` take):
+Batches (what app.train.data's collate makes and what `training_loss` / `predict` take):
 - classification: images a float tensor [B,3,H,W], normalised with the ImageNet mean and std;
   targets an int64 tensor [B] of class indices 0..C-1.
 - detection, keypoints: images a float tensor [B,3,H,W] in [0, 1], NOT normalised (torchvision's
@@ -127,21 +127,6 @@ def _freeze_batchnorm(module: nn.Module) -> None:
             setattr(module, child_name, frozen)
         else:
             _freeze_batchnorm(child)
-
-
-def collate_fn(task: str):
-    """The DataLoader collate for `task`: samples are (image tensor, target) pairs."""
-    return _collate_classification if task == "classification" else _collate_detection
-
-
-def _collate_classification(batch):
-    images, labels = zip(*batch)
-    return torch.stack(images), torch.as_tensor([int(label) for label in labels], dtype=torch.int64)
-
-
-def _collate_detection(batch):
-    images, targets = zip(*batch)
-    return torch.stack(images), list(targets)
 
 
 def move_batch(images, targets, device: torch.device, non_blocking: bool = False):
