@@ -30,7 +30,7 @@ def find_conf_dir() -> Path:
 
 
 CONF_DIR = find_conf_dir()
-GROUPS = ("model", "data", "sampler", "hardware", "logger")
+GROUPS = ("model", "data", "sampler", "hardware", "logger", "experiment")
 
 
 def fail(message: str, code: int = 2) -> None:

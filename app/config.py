@@ -17,7 +17,9 @@ from typing import Any, Dict, Iterable, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-STAGES = ("scan", "embed", "select", "train")
+# The order stages run in; `profile` measures what `train` would do, so it goes first.
+STAGES = ("scan", "embed", "select", "profile", "train")
+PROFILE_MODES = ("train", "infer", "latency")
 SAMPLER_METHODS = ("coreset", "random", "none")
 # Classifiers the training stage can build, by torchvision name (checked without importing it).
 CLASSIFIERS = (
@@ -271,6 +273,26 @@ class TrainerConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """stages=[profile]: warm-up steps, then measured steps, for every batch size x worker count."""
+    # train: training steps as the train stage runs them; infer: forward passes (no gradients);
+    # latency: infer one image at a time, as for live use, with per-image latency percentiles.
+    mode: str = "train"
+    warmup_steps: int = 5
+    steps: int = 20
+    # The sweep; null: trainer.batch_size (1 in latency mode) and hardware.num_workers (0 in
+    # latency mode: each frame is loaded as it comes).
+    batch_sizes: Optional[List[int]] = None
+    num_workers: Optional[List[int]] = None
+    # A torch.profiler Chrome trace of trace_steps further steps of every setting, in profile/traces/.
+    trace: bool = False
+    trace_steps: int = 5
+    # The recommendation: the smallest batch size and fewest workers within this share of the best
+    # throughput (larger batches and more workers cost memory and CPU for nothing more).
+    tolerance: float = 0.05
+
+
+@dataclass
 class LoggerConfig:
     """Where training metrics go besides metrics.csv, which is always written."""
     type: str = "csv"
@@ -291,6 +313,7 @@ class ThresherConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     work_dir: str = "runs"
     note: str = ""
     run_directory: Optional[str] = None
@@ -487,9 +510,11 @@ def validate(cfg: DictConfig) -> None:
     _validate_hardware(cfg.hardware)
     _validate_model(cfg.model, cfg.sampler.embedding_model)
     _validate_logger(cfg.logger)
+    if "profile" in stages:
+        _validate_profile(cfg.profile)
 
-    _validate_data(cfg.data, needs_input="scan" in stages or cfg.sanity_check)
-    if "train" in stages:
+    _validate_data(cfg.data, needs_input="scan" in stages or "profile" in stages or cfg.sanity_check)
+    if "train" in stages or ("profile" in stages and cfg.profile.mode == "train"):
         _validate_task_data(cfg.model.task, cfg.data.name)
     if cfg.hardware.node_rank > 0 and stages != ["train"]:
         raise _refuse("stages", stages, f"on hardware.node_rank={cfg.hardware.node_rank} only training runs: "
@@ -596,6 +621,33 @@ def embedding_model_name(cfg: DictConfig) -> str:
     if cfg.sampler.embedding_model:
         return cfg.sampler.embedding_model
     return cfg.model.name if cfg.model.task == "classification" else "resnet18"
+
+
+def _validate_profile(profile: DictConfig) -> None:
+    if profile.mode not in PROFILE_MODES:
+        raise _refuse("profile.mode", profile.mode, f"choose from {', '.join(PROFILE_MODES)}", PROFILE_MODES)
+    if profile.warmup_steps < 0:
+        raise _refuse("profile.warmup_steps", profile.warmup_steps, "use an integer >= 0")
+    if profile.steps < 2:
+        raise _refuse("profile.steps", profile.steps, "use an integer >= 2 (percentiles need several steps)")
+    if profile.trace_steps < 1:
+        raise _refuse("profile.trace_steps", profile.trace_steps, "use an integer >= 1")
+    if not 0 <= profile.tolerance < 1:
+        raise _refuse("profile.tolerance", profile.tolerance, "use a share of the best throughput in [0, 1)")
+    for key, minimum, allowed in (("batch_sizes", 1, "batch sizes >= 1"),
+                                  ("num_workers", -1, "worker counts >= 0 (-1: one per CPU core)")):
+        values = profile[key]
+        if values is None:
+            continue
+        values = list(values)
+        if not values or not all(_is_int(v) and v >= minimum for v in values):
+            raise _refuse(f"profile.{key}", values, f"use a list of {allowed}, e.g. [1,2,4,8], or null")
+        if len(set(values)) != len(values):
+            raise _refuse(f"profile.{key}", values, "name each value once")
+    if profile.mode == "latency" and profile.batch_sizes is not None and list(profile.batch_sizes) != [1]:
+        raise _refuse("profile.batch_sizes", list(profile.batch_sizes),
+                      "latency mode runs batch size 1, as live use does; use profile.mode=infer to sweep "
+                      "batch sizes")
 
 
 def _validate_logger(logger: DictConfig) -> None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,12 +34,14 @@ STAGE_FUNCTIONS = {
     "scan": ("app.data.scan", "scan_stage"),
     "embed": ("app.sampling.embed", "embed_stage"),
     "select": ("app.sampling.select", "select_stage"),
+    "profile": ("app.profile.stage", "profile_stage"),
     "train": ("app.train.loop", "train_stage"),
 }
 # Artifacts a stage needs, and the stage that writes them.
 STAGE_INPUTS = {
     "embed": [("data/input_files.csv", "scan")],
     "select": [("data/embeddings.csv", "embed")],
+    "profile": [("data/input_files.csv", "scan"), ("data/dataset.json", "scan")],
     "train": [("data/input_files.csv", "scan"), ("data/dataset.json", "scan")],
 }
 
@@ -161,13 +163,23 @@ def save_configs(cfg: DictConfig, run_dir: Path, hydra_cfg: Any) -> None:
         atomic.write_text(hydra_dir / "hydra.yaml", redact(OmegaConf.to_yaml({"hydra": hydra_cfg})))
 
 
-def check_stage_inputs(cfg: DictConfig, run_dir: Path) -> None:
+def stages_to_run(cfg: DictConfig, run_dir: Path) -> List[str]:
+    """The stages asked for, plus the scan that `stages=[profile]` needs on a fresh run directory:
+    profiling wants the file list, and the scan is what sets corrupt files aside."""
+    stages = list(cfg.stages)
+    if "profile" in stages and "scan" not in stages and not (run_dir / STAGE_INPUTS["profile"][0][0]).is_file():
+        log.info("stages=%s: scanning the input first, as the profile needs its file list", stages)
+        stages.insert(0, "scan")
+    return stages
+
+
+def check_stage_inputs(cfg: DictConfig, run_dir: Path, stages: List[str]) -> None:
     """A stage whose input artifact is neither there nor made by an earlier stage: say so now."""
-    for stage in cfg.stages:
+    for stage in stages:
         for artifact, producer in STAGE_INPUTS.get(stage, []):
             if stage == "select" and cfg.sampler.method == "none":
                 continue
-            if producer not in cfg.stages and not (run_dir / artifact).is_file():
+            if producer not in stages and not (run_dir / artifact).is_file():
                 raise UserError(f"stages={list(cfg.stages)} needs {artifact} from the {producer} stage, "
                                 f"which is not in {run_dir}: add {producer} to stages, or set "
                                 f"run_directory to a run that has it (with resume=true)")
@@ -201,14 +213,18 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
         # resume=true, or a rerun in the directory of an interrupted or failed run
         resuming = bool(summary.data) and not cfg.overwrite
         save_configs(cfg, run_dir, hydra_cfg)
-        check_stage_inputs(cfg, run_dir)
-        if "train" in cfg.stages and not cfg.sanity_check:
+        stages = stages_to_run(cfg, run_dir)
+        check_stage_inputs(cfg, run_dir, stages)
+        training = "train" in stages or ("profile" in stages and cfg.profile.mode == "train")
+        if training and not cfg.sanity_check:
             from app.train.loop import check_train_config
 
             check_train_config(cfg)
         install_signal_handlers()
         summary.data.update(status="running", started_at=utc_now(), run_directory=str(run_dir),
                             stages_requested=list(cfg.stages))
+        if stages != list(cfg.stages):
+            summary.data["stages_run"] = stages
         summary.data.setdefault("stages", {})
         summary.save()
 
@@ -222,7 +238,7 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
 
             summary.data["sanity_check"] = sanity_check(cfg, run_dir, device)
         else:
-            run_stages(cfg, run_dir, device, summary, resuming)
+            run_stages(cfg, run_dir, device, summary, resuming, stages)
         summary.data.update(status="finished", finished_at=utc_now(),
                             duration_s=round(time.perf_counter() - started, 3))
         summary.save()
@@ -277,10 +293,11 @@ def fetch_from_bucket(cfg: DictConfig, run_dir: Path) -> None:
             log.info("fetched %d files of %s from work_dir=%s", fetched, run_dir.name, cfg.work_dir)
 
 
-def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, resuming: bool) -> None:
+def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, resuming: bool,
+               stages: List[str]) -> None:
     rerun_from_here = False
     for stage in STAGES:
-        if stage not in cfg.stages:
+        if stage not in stages:
             continue
         if stage == "embed" and cfg.sampler.method == "none":
             log.info("stage embed: skipped, sampler=none needs no embeddings")

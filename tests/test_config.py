@@ -43,7 +43,10 @@ def test_every_option_of_every_group_composes_and_validates(group, tmp_path):
               "oxford_pet": [f"data.root={tmp_path}"]}
     for option in cli.group_options(group):
         extra = inputs.get(option, []) if group == "data" else []
-        cfg = compose(f"{group}={option}", *extra)
+        if group == "experiment":  # presets are added to the defaults (+experiment=...), and bring their data
+            cfg = compose(f"+{group}={option}", f"data.root={tmp_path}")
+        else:
+            cfg = compose(f"{group}={option}", *extra)
         validate(cfg)
 
 

@@ -120,3 +120,68 @@ def _write_truncated_png(image: Image.Image, path: Path) -> None:
     image.save(buffer, format="PNG")
     data = buffer.getvalue()
     path.write_bytes(data[: len(data) // 2])
+
+
+# Shapes as Oxford-IIIT Pet breeds: the dataset's convention is cat breeds capitalised, dogs not.
+PET_BREEDS = {"circle": ("Abyssinian", 1, 1), "square": ("beagle", 2, 2), "triangle": ("Bombay", 1, 3)}
+
+
+def write_pet_layout(root: Path, n_images: int, image_size: int, n_corrupt: int = 0) -> Path:
+    """The shapes in the Oxford-IIIT Pet layout, so the detection profile's preset runs without
+    the real dataset: images/<Breed>_<n>.jpg, annotations/xmls/<name>.xml (the shape's box as the
+    head box, Pascal VOC), annotations/trainval.txt and annotations/trimaps/<name>.png masks. The
+    last `n_corrupt` images are truncated files."""
+    root = Path(root)
+    rng = np.random.default_rng(20241123 + n_images * 7 + image_size)
+    for folder in ("images", "annotations/xmls", "annotations/trimaps"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    lines = ["#Image CLASS-ID SPECIES BREED-ID"]
+    for index in range(n_images):
+        kind = CLASSES[index % len(CLASSES)]
+        breed, species, breed_id = PET_BREEDS[kind]
+        stem = f"{breed}_{index + 1}"
+        image, box, _ = _draw_image(rng, kind, image_size)
+        if index >= n_images - n_corrupt:
+            data = _jpeg_bytes(image)
+            (root / "images" / f"{stem}.jpg").write_bytes(data[: len(data) // 2])
+            continue
+        image.save(root / "images" / f"{stem}.jpg", quality=90)
+        mask = Image.new("L", image.size, 2)
+        ImageDraw.Draw(mask).rectangle(box, fill=1)
+        mask.save(root / "annotations" / "trimaps" / f"{stem}.png")
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        (root / "annotations" / "xmls" / f"{stem}.xml").write_text(
+            f"<annotation><folder>OXIIIT</folder><filename>{stem}.jpg</filename><size><width>{image_size}</width>"
+            f"<height>{image_size}</height><depth>3</depth></size><object><name>{'cat' if species == 1 else 'dog'}"
+            f"</name><pose>Frontal</pose><truncated>0</truncated><occluded>0</occluded><bndbox><xmin>{x0}</xmin>"
+            f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox><difficult>0</difficult></object>"
+            f"</annotation>\n")
+        lines.append(f"{stem} {breed_id} {species} {breed_id}")
+    (root / "annotations" / "trainval.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _jpeg_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def main(argv: List[str] = None) -> None:
+    """`python -m app.data.shapes pets DIR [N_IMAGES] [IMAGE_SIZE]`: write the shapes in the
+    Oxford-IIIT Pet layout, to try `+experiment=profile_fasterrcnn_pets` without the real data."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] != "pets":
+        sys.exit("usage: python -m app.data.shapes pets DIR [N_IMAGES=200] [IMAGE_SIZE=320]")
+    n_images = int(args[2]) if len(args) > 2 else 200
+    image_size = int(args[3]) if len(args) > 3 else 320
+    root = write_pet_layout(Path(args[1]), n_images, image_size)
+    print(f"{n_images} shapes in the Oxford-IIIT Pet layout in {root}")
+
+
+if __name__ == "__main__":
+    main()

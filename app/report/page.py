@@ -68,20 +68,51 @@ def _figure(run_dir: Path, plot: str, caption: str) -> str:
             f'(<a href="{escape(plot)}">{escape(plot)}</a>)</figcaption></figure>')
 
 
-def render_html(run_dir: Path, report: dict, captions: Dict[str, str], notes: List[str]) -> str:
-    """The page for `report` (the content of report.json); `captions` maps plot file -> caption."""
-    counts = report["counts"]
-    parts = [f"<h1>Selection report</h1><p class=subtitle>run <code>{escape(run_dir.name)}</code>"
+def write_report_files(run_dir: Path, report: dict) -> None:
+    """report.json and the report.html rendered from it, both atomically."""
+    from app import atomic
+
+    atomic.write_json(run_dir / "report.json", report)
+    atomic.write_text(run_dir / "report.html", render_html(run_dir, report))
+
+
+def read_report(run_dir: Path) -> dict:
+    """The run's report.json so far (another stage's section may be in it), or {}."""
+    import json
+
+    path = run_dir / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def render_html(run_dir: Path, report: dict) -> str:
+    """The page for `report` (the content of report.json): the selection's sections when the
+    select stage wrote them, the profile's when the profile stage did."""
+    parts = [f"<h1>thresher report</h1><p class=subtitle>run <code>{escape(run_dir.name)}</code>"
              + (f" · embeddings of dimension {report['embedding_dim']}" if report.get("embedding_dim") else "")
              + "</p>"]
-    parts += [f"<p class=note>{escape(note)}</p>" for note in notes]
+    if "counts" in report:
+        parts += selection_sections(run_dir, report)
+    if report.get("profile"):
+        parts += profile_sections(run_dir, report["profile"])
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<meta name=viewport content=\"width=device-width, initial-scale=1\">"
+            f"<title>thresher report: {escape(run_dir.name)}</title>"
+            f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{SCRIPT}</script>\n</body></html>\n")
 
-    parts.append("<h2>Counts</h2>")
+
+def selection_sections(run_dir: Path, report: dict) -> List[str]:
+    counts = report["counts"]
+    captions: Dict[str, str] = report.get("plot_captions", {})
+    parts = ["<h2>Selection</h2>"]
+    parts += [f"<p class=note>{escape(note)}</p>" for note in report.get("notes", [])]
+
+    parts.append("<h3>Counts</h3>")
     parts.append(_table(["", "images"], [[escape(k), _number(v)] for k, v in counts.items()]))
 
     stats: Optional[dict] = report.get("nearest_neighbour_distances")
     if stats:
-        parts.append("<h2>Nearest-neighbour distances</h2><p>Each image's Euclidean distance to the "
+        parts.append("<h3>Nearest-neighbour distances</h3><p>Each image's Euclidean distance to the "
                      "closest other image of the same set, on L2-normalised embeddings (0: same "
                      "direction, 2: opposite). A diverse selection has larger distances than a random "
                      "subset of the same size.</p>")
@@ -94,22 +125,80 @@ def render_html(run_dir: Path, report: dict, captions: Dict[str, str], notes: Li
         rows = [[escape(SET_TITLES.get(name, name)), _number(p["n_points"]), _number(p["n_used"]),
                  _number(p["n_pairs"]), _number(p["mean"]), "yes" if p["subsampled"] else "no"]
                 for name, p in pairwise.items() if isinstance(p, dict)]
-        parts.append("<h2>Pairwise distances</h2>")
+        parts.append("<h3>Pairwise distances</h3>")
         parts.append(_table(["set", "points", "points used", "pairs", "mean distance", "subsampled"], rows))
 
     if report.get("plots"):
-        parts.append("<h2>Plots</h2>")
+        parts.append("<h3>Plots</h3>")
         parts += [_figure(run_dir, plot, captions.get(plot, plot)) for plot in report["plots"]]
 
     pairs = report.get("example_pairs")
     if pairs:
-        parts.append("<h2>Removed next to retained</h2><p>The removed images closest to an image "
+        parts.append("<h3>Removed next to retained</h3><p>The removed images closest to an image "
                      "that was kept: near duplicates the selection left out.</p>")
         rows = [[escape(p["retained"]), escape(p["removed"]), _number(p["distance"])] for p in pairs]
         parts.append(_table(["retained", "removed", "distance"], rows))
 
-    body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<meta name=viewport content=\"width=device-width, initial-scale=1\">"
-            f"<title>thresher selection report: {escape(run_dir.name)}</title>"
-            f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{SCRIPT}</script>\n</body></html>\n")
+    return parts
+
+
+PROFILE_MODES = {"train": "training steps", "infer": "inference (forward passes, results on the host)",
+                 "latency": "latency: one image at a time, as live use does"}
+
+
+def _fixed(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def profile_sections(run_dir: Path, profile: dict) -> List[str]:
+    """The sweep's table, the recommended override line and the plots."""
+    parts = ["<h2>Profile</h2>",
+             f"<p>{escape(PROFILE_MODES.get(profile['mode'], profile['mode']))} of <code>{escape(profile['model'])}"
+             f"</code> ({escape(profile['task'])}) on data={escape(profile['data'])} "
+             f"({profile['n_images']:,} images, image_size {profile['image_size']}), device "
+             f"<code>{escape(profile['device'])}</code>, amp {escape(str(profile['amp']))}. Every setting ran "
+             f"{profile['warmup_steps']} warm-up steps, then {profile['steps']} measured steps; a step's time is "
+             f"the wait for its batch plus the compute, read after the device synchronised.</p>"]
+    recommended = profile.get("recommended")
+    if recommended:
+        parts.append(f"<h3>Recommended</h3><pre><code>{escape(recommended['overrides'])}</code></pre>"
+                     f"<p>{escape(recommended['reason'])}.</p>")
+    else:
+        parts.append("<p class=note>No setting ran: every one was out of memory. Try smaller batch sizes.</p>")
+
+    latency = profile["mode"] != "train"
+    header = ["batch", "workers", "status", "samples/s", "step p50 ms", "step p95 ms", "compute share",
+              "CPU ms/sample", "host RSS peak MB", "host PSS MB", "GPU mem peak MB", "GPU util %"]
+    if latency:
+        header += ["latency p50 ms", "p90", "p95", "p99"]
+    rows = []
+    for row in profile["settings"]:
+        workers = str(row["num_workers"])
+        if row.get("num_workers_used") not in (None, row["num_workers"]):
+            workers += f" (ran {row['num_workers_used']})"
+        if row["status"] != "ok":
+            status = "out of memory" if row["status"] == "oom" else f"failed: {row.get('error', '')}"
+            rows.append([_number(row["batch_size"]), escape(workers), escape(status)] + ["–"] * (len(header) - 3))
+            continue
+        cells = [_number(row["batch_size"]), escape(workers), "ok", _fixed(row["samples_per_s"], 2),
+                 _fixed(row["step_ms"]["p50"], 2), _fixed(row["step_ms"]["p95"], 2),
+                 _fixed(row["compute_efficiency"], 3), _fixed(row["cpu_ms_per_sample"], 2),
+                 _fixed(row["host_rss_peak_mb"], 0), _fixed(row.get("host_pss_mb"), 0),
+                 _fixed(row["gpu_memory_peak_mb"], 0),
+                 _fixed(row["gpu_utilization_pct"], 0)]
+        if latency:
+            cells += [_fixed(row["latency_ms"][p], 2) for p in ("p50", "p90", "p95", "p99")]
+        rows.append(cells)
+    parts.append("<h3>Settings</h3>" + _table(header, rows))
+    parts.append("<p>compute share: the part of the step time spent computing rather than waiting for data "
+                 "(1.0: the loader keeps up). CPU ms/sample: CPU time of the process and its loader workers. "
+                 "host RSS peak: the process and its workers, sampled every 0.1 s, shared pages counted in each; "
+                 "host PSS: the same at the end of the measured steps with shared pages split (what the tree "
+                 "really holds). "
+                 + ("latency: from a batch in hand to its results on the host." if latency else "") + "</p>")
+    captions: Dict[str, str] = profile.get("plot_captions", {})
+    parts += [_figure(run_dir, plot, captions.get(plot, plot)) for plot in profile.get("plots", [])]
+    if profile.get("traces"):
+        links = ", ".join(f'<a href="{escape(t)}">{escape(t)}</a>' for t in profile["traces"])
+        parts.append(f"<p>torch.profiler Chrome traces (open in chrome://tracing or ui.perfetto.dev): {links}</p>")
+    return parts

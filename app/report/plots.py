@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -196,4 +196,63 @@ def plot_video_sampling_timeline(videos: Dict[str, dict], path: Path) -> None:
     more = f", {len(videos) - len(shown)} more in report.json" if len(videos) > len(shown) else ""
     axes.set_title(f"Selected frames of each video (red; grey: usable frames){more}", fontsize=10)
     axes.grid(axis="x", alpha=0.3)
+    save_png(figure, path)
+
+
+def _by_workers(rows: Sequence[dict]) -> Dict[int, List[dict]]:
+    lines: Dict[int, List[dict]] = {}
+    for row in rows:
+        lines.setdefault(row["num_workers"], []).append(row)
+    return {workers: sorted(line, key=lambda row: row["batch_size"]) for workers, line in sorted(lines.items())}
+
+
+def plot_against_batch_size(rows: Sequence[dict], value: str, ylabel: str, title: str, path: Path,
+                            recommended: Optional[dict] = None) -> None:
+    """`value` of each setting that ran against its batch size (log 2 axis), a line per worker
+    count; settings out of memory are marked on the axis, the recommended one ringed."""
+    figure = _figure(7, 4)
+    axes = figure.add_subplot()
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for i, (workers, line) in enumerate(_by_workers(rows).items()):
+        colour = colours[i % len(colours)]
+        ran = [row for row in line if row["status"] == "ok"]
+        axes.plot([row["batch_size"] for row in ran], [row[value] for row in ran], marker="o", color=colour,
+                  label=f"{workers} loader worker{'s' if workers != 1 else ''}")
+        oom = [row["batch_size"] for row in line if row["status"] == "oom"]
+        if oom:
+            axes.plot(oom, [0] * len(oom), linestyle="none", marker="x", markersize=9, color=colour,
+                      clip_on=False, label=f"out of memory ({workers} workers)")
+        if recommended:
+            for row in ran:
+                if (row["batch_size"], row["num_workers"]) == (recommended["batch_size"], recommended["num_workers"]):
+                    axes.plot([row["batch_size"]], [row[value]], marker="o", markersize=16, fillstyle="none",
+                              color="black", linestyle="none", label="recommended")
+    sizes = sorted({row["batch_size"] for row in rows})
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(sizes, [str(size) for size in sizes])
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel("batch size")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    save_png(figure, path)
+
+
+def plot_latency(rows: Sequence[dict], title: str, path: Path) -> None:
+    """Latency percentiles (per image, batch size 1) for each worker count, as grouped bars."""
+    figure = _figure(7, 4)
+    axes = figure.add_subplot()
+    ran = [row for row in rows if row["status"] == "ok"]
+    points = ("p50", "p90", "p95", "p99")
+    width = 0.8 / len(points)
+    for j, point in enumerate(points):
+        axes.bar([i + j * width for i in range(len(ran))], [row["latency_ms"][point] for row in ran], width=width,
+                 label=point)
+    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(ran))],
+                    [f"{row['num_workers']} workers" for row in ran])
+    axes.set_ylabel("latency per image (ms)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize=8)
     save_png(figure, path)

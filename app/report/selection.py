@@ -222,10 +222,13 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
     report["counts"] = {"candidates": n_candidates, "selected": len(sampled), "removed": len(removed),
                         "corrupt": len(corrupt), "duplicates": len(duplicates)}
 
-    from app.report.page import render_html
+    from app.report.page import read_report, write_report_files
 
-    atomic.write_json(run_dir / REPORT_JSON, report)
-    atomic.write_text(run_dir / REPORT_HTML, render_html(run_dir, report, captions, notes))
+    report.update(plot_captions=captions, notes=notes)
+    earlier = read_report(run_dir)
+    if earlier.get("profile"):  # the profile stage's section of an earlier run in this directory
+        report["profile"] = earlier["profile"]
+    write_report_files(run_dir, report)
     log.info("report: %s and %s with %d plots", REPORT_HTML, REPORT_JSON, len(report.get("plots", [])))
     return ReportResult(n_candidates=n_candidates, n_selected=len(sampled), n_removed=len(removed),
                         n_corrupt=len(corrupt), n_duplicates=len(duplicates), pairwise_subsampled=subsampled,

@@ -246,6 +246,11 @@ class EpochBatches(Sampler):
             yield [(index, sample_seed(self.seed, self.epoch, index)) for index in batch]
 
 
+def model_input_shape(data_cfg) -> Tuple[int, int]:
+    """(height, width) of the images the model gets: data.augment.resize, else data.image_size."""
+    return (data_cfg.augment.resize.height or data_cfg.image_size, data_cfg.augment.resize.width or data_cfg.image_size)
+
+
 def shm_bytes(path: str = "/dev/shm") -> Optional[int]:
     try:
         stats = os.statvfs(path)

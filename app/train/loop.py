@@ -29,7 +29,7 @@ from app.progress import Progress
 from app.run import Interrupted
 from app.train import checkpoints
 from app.train.data import (EpochBatches, TrainingImages, keypoint_flip_index, loader_settings, make_collate,
-                            training_data)
+                            model_input_shape, training_data)
 from app.train.loggers import MetricLoggers, write_metrics_csv
 from app.train.optim import build_optimizer, build_scheduler, check_optim_config, step_scheduler
 from app.train.stopping import stop_at_step_boundary
@@ -128,9 +128,7 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
     if trainer.compile:
         trained = torch.compile(trained)
 
-    image_shape = (cfg.data.augment.resize.height or cfg.data.image_size,
-                   cfg.data.augment.resize.width or cfg.data.image_size)
-    settings = loader_settings(cfg.hardware, device, trainer.batch_size, image_shape)
+    settings = loader_settings(cfg.hardware, device, trainer.batch_size, model_input_shape(cfg.data))
     collate = make_collate(task, data.targets)
     normalize = expects_normalized_images(task)
     flip_index = keypoint_flip_index(data.annotations.keypoint_names) if task == "keypoints" else None
@@ -299,7 +297,7 @@ def evaluate(model, loader, device, evaluator, amp_dtype, channels_last: bool, s
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     outputs = predict(model, images)
-                evaluator.update(_to_device(outputs, torch.device("cpu")), targets)
+                evaluator.update(to_device(outputs, torch.device("cpu")), targets)
             bar.update((0 if images is None else len(images)) + len(failures))
     return True
 
@@ -400,13 +398,14 @@ def fingerprint(files: List[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
-def _to_device(value, device):
+def to_device(value, device):
+    """Tensors in nested dicts, lists and tuples moved to `device`."""
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     return value
 
 
