@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from app.config import (UserError, did_you_mean, register_configs, register_resolvers, run_directory_path,
                          validate)

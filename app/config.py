@@ -813,7 +813,7 @@ def check_protocol_installed(key: str, url: str) -> None:
 
     protocol = URL_PATTERN.match(url)["protocol"]
     if protocol not in URL_PROTOCOLS:
-        raise _refuse(key, url, f"use a folder or an s3://, gs:// or az:// URL", [f"{p}://" for p in URL_PROTOCOLS])
+        raise _refuse(key, url, "use a folder or an s3://, gs:// or az:// URL", [f"{p}://" for p in URL_PROTOCOLS])
     module, extra = URL_PROTOCOLS[protocol]
     if module and importlib.util.find_spec(module) is None:
         raise UserError(f"{key}={url!r} needs {module}, which is not installed: pip install 'thresher[{extra}]' "

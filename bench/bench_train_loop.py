@@ -54,6 +54,19 @@ class HandFiles(Dataset):
             return self.transform(image.convert("RGB")), self.labels[index]
 
 
+def scanned_shapes(n_images: int, shapes_size: int):
+    """A temporary work folder with the shapes dataset scanned into run `bench`; the environment
+    points thresher at it. Returns (work, run_dir, input_dir, files, labels)."""
+    work = Path(tempfile.mkdtemp(prefix="thresher-bench-"))
+    env = {**os.environ, "THRESHER_CACHE_DIR": str(work / "cache"), "THRESHER_WORK_DIR": str(work / "runs")}
+    subprocess.run([sys.executable, "-m", "app", "stages=[scan]", "run_directory=bench", f"data.n_images={n_images}",
+                    f"data.shapes_image_size={shapes_size}"], env=env, cwd=ROOT, check=True, capture_output=True)
+    os.environ.update(env)
+    run_dir = work / "runs/bench"
+    input_dir, files, labels, _ = selected_files(run_dir)
+    return work, run_dir, input_dir, files, labels
+
+
 def timed(function, *args):
     wall, cpu = time.perf_counter(), time.process_time()
     seen = function(*args)
@@ -120,14 +133,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    work = Path(tempfile.mkdtemp(prefix="thresher-bench-"))
-    env = {**os.environ, "THRESHER_CACHE_DIR": str(work / "cache"), "THRESHER_WORK_DIR": str(work / "runs")}
-    subprocess.run([sys.executable, "-m", "app", "stages=[scan]", "run_directory=bench",
-                    f"data.n_images={args.images}", f"data.shapes_image_size={args.shapes_size}"],
-                   env=env, cwd=ROOT, check=True, capture_output=True)
-    os.environ.update(env)
-    run_dir = work / "runs/bench"
-    input_dir, files, labels, _ = selected_files(run_dir)
+    work, run_dir, input_dir, files, labels = scanned_shapes(args.images, args.shapes_size)
 
     pairs = []
     for round_index in range(args.rounds):

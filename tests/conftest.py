@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List
 
@@ -34,6 +36,20 @@ def thresher(args: List[str], env: dict, cwd: Path, timeout: float = 300) -> sub
     """Run the real command line, as a user would, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "app", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def sigterm_once_written(args: List[str], env: dict, cwd: Path, path: Path, poll_s: float = 0.05,
+                         timeout: float = 120) -> subprocess.CompletedProcess:
+    """Start thresher, send SIGTERM as soon as `path` exists (a checkpoint, a measurement), and
+    return what it printed and its exit code."""
+    process = subprocess.Popen([sys.executable, "-m", "app", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not path.is_file():
+        time.sleep(poll_s)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
 
 
 def in_ci() -> bool:

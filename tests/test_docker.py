@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.docker
 
-from conftest import in_ci, unavailable
+from conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("THRESHER_IMAGE", "thresher:latest")
@@ -313,9 +313,9 @@ def test_compose_file_is_accepted_and_reserves_gpus_only_in_the_gpu_profile(dock
 
     reserving_gpus = {name for name, service in services.items()
                       if service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")}
-    assert reserving_gpus == {"select-train-gpu"}
-    assert services["select-train-gpu"]["profiles"] == ["gpu"]
-    for name in ("select", "select-train"):
+    assert reserving_gpus == {"select-train-gpu", "profile-gpu"}
+    assert services["select-train-gpu"]["profiles"] == services["profile-gpu"]["profiles"] == ["gpu"]
+    for name in ("select", "select-train", "profile"):
         assert "profiles" not in services[name], f"{name} must run on a plain, CPU-only host"
         assert services[name]["init"] is True
         assert any(mounts_input_read_only(volume) for volume in services[name]["volumes"]), \
@@ -347,5 +347,40 @@ def test_compose_select_service_selects_without_training_under_any_uid(
     assert summary["stages_requested"] == ["scan", "embed", "select"]
     assert len(lines_of(run_dir / "filenames" / "sampled_filenames.txt")) == 20
     assert not (run_dir / "checkpoints").exists()
+    assert token.encode() not in process.stdout + process.stderr
+    assert files_containing(output_dir, token.encode()) == []
+
+
+def test_compose_profile_service_profiles_the_pets_preset_in_a_container(docker_compose, image, tmp_path, output_dir):
+    """The detection profiler's job, on shapes written in the Oxford-IIIT Pet layout."""
+    from app.data.shapes import write_pet_layout
+
+    pets = write_pet_layout(tmp_path / "oxford-iiit-pet", n_images=10, image_size=64)
+    for path in [pets, *pets.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    token = f"tok-{secrets.token_hex(16)}"
+    project = f"thresher-test-{uuid.uuid4().hex[:8]}"
+    env = compose_environment(pets, output_dir, THRESHER_TOKEN=token, THRESHER_USER="4242:4242")
+    try:
+        process = compose(docker_compose, project, "run", "--rm", "-T", "profile", "hardware=cpu",
+                          "data.image_size=64", "profile.batch_sizes=[1,2]", "profile.num_workers=[0,1]",
+                          "profile.warmup_steps=1", "profile.steps=2", env=env)
+    finally:
+        compose(docker_compose, project, "down", "--remove-orphans", env=env, timeout=120)
+    assert process.returncode == 0, tail(process.stdout + process.stderr)
+
+    run_dir = the_run_directory(output_dir)
+    assert run_dir.name.endswith("_profile_fasterrcnn_pets")
+    summary = read_summary(run_dir)
+    assert summary["status"] == "finished" and summary["stages_requested"] == ["profile"]
+    profile = json.loads((run_dir / "report.json").read_text())["profile"]
+    assert profile["model"] == "fasterrcnn_resnet50_fpn" and profile["n_images"] == 10
+    assert [(row["batch_size"], row["num_workers"], row["status"]) for row in profile["settings"]] == [
+        (1, 0, "ok"), (2, 0, "ok"), (1, 1, "ok"), (2, 1, "ok")]
+    # Docker's default /dev/shm is raised to 2 GB by the compose file, so the workers really ran
+    assert [row["num_workers_used"] for row in profile["settings"]] == [0, 0, 1, 1]
+    assert b"profile: recommended: trainer.batch_size=" in process.stdout + process.stderr
+    for plot in profile["plots"]:
+        assert (run_dir / plot).is_file()
     assert token.encode() not in process.stdout + process.stderr
     assert files_containing(output_dir, token.encode()) == []

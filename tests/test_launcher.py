@@ -22,7 +22,7 @@ import pytest
 
 from app.config import UserError
 
-from conftest import in_ci, unavailable
+from conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("THRESHER_IMAGE", "thresher:latest")

@@ -4,15 +4,11 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-from conftest import SMALL, only_run_dir, summary_of, thresher
+from conftest import SMALL, only_run_dir, sigterm_once_written, summary_of, thresher
 
 
 def read_csv(path: Path):
@@ -163,15 +159,9 @@ def test_gpu_hardware_without_cuda_fails_clearly(env, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes(env, tmp_path):
     args = [*SMALL, "trainer.epochs=200", "run_directory=stopped", "sampler=none"]
-    process = subprocess.Popen([sys.executable, "-m", "app", *args], env=env, cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = tmp_path / "runs/stopped/checkpoints/last.pt"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not checkpoint.is_file():
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=30)
-    assert process.returncode == 143, output
+    stopped = sigterm_once_written(args, env, tmp_path, checkpoint, poll_s=0.2)
+    assert stopped.returncode == 143, stopped.stdout
     run_dir = tmp_path / "runs/stopped"
     summary = summary_of(run_dir)
     assert summary["status"] == "interrupted"

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import torch
 from app.profile import measure
 from app.profile.recommend import recommend
 
-from conftest import SMALL, only_run_dir, summary_of, thresher
+from conftest import SMALL, only_run_dir, sigterm_once_written, summary_of, thresher
 
 PROFILE = [*SMALL, "stages=[profile]", "profile.warmup_steps=1", "profile.steps=3"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -200,15 +197,9 @@ def test_trace_writes_a_chrome_trace_of_further_steps(env, tmp_path):
 
 def test_sigterm_mid_sweep_then_rerun_keeps_the_measured_settings(env, tmp_path):
     args = [*PROFILE, "profile.steps=15", "profile.batch_sizes=[2,4,8]", "run_directory=swept"]
-    process = subprocess.Popen([sys.executable, "-m", "app", *args], env=env, cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     measurements = tmp_path / "runs/swept/profile/measurements.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not measurements.is_file():
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 143, output
+    stopped = sigterm_once_written(args, env, tmp_path, measurements, poll_s=0.02)
+    assert stopped.returncode == 143, stopped.stdout
     first = json.loads(measurements.read_text())["rows"]
     assert 1 <= len(first) < 3, "the sweep ended before the signal: make it longer"
     assert summary_of(tmp_path / "runs/swept")["stages"]["profile"]["status"] == "interrupted"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SMALL, only_run_dir, summary_of, thresher
+from conftest import only_run_dir, summary_of, thresher
 
 FOLDER = ["data=folder", "data.image_size=32", "hardware=cpu", "trainer.epochs=1"]
 

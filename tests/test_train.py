@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import SMALL, only_run_dir, summary_of, thresher
+from conftest import SMALL, only_run_dir, sigterm_once_written, summary_of, thresher
 
 # Training only: no embedding or selection, so these tests spend their time in the loop.
 TRAIN_ONLY = [*SMALL, "sampler=none", "trainer.batch_size=8"]
@@ -57,15 +53,9 @@ def test_sigterm_mid_training_then_resume_gives_the_weights_of_an_uninterrupted_
     whole = thresher([*args, "run_directory=whole"], env, tmp_path)
     assert whole.returncode == 0, whole.stderr
 
-    process = subprocess.Popen([sys.executable, "-m", "app", *args, "run_directory=stopped"], env=env,
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "runs/stopped"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (run_dir / "checkpoints/last.pt").is_file():
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 143, output
+    interrupted = sigterm_once_written([*args, "run_directory=stopped"], env, tmp_path, run_dir / "checkpoints/last.pt")
+    assert interrupted.returncode == 143, interrupted.stdout
     stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
     assert stopped["epoch"] < 6, "the run ended before the signal: make it longer"
     assert summary_of(run_dir)["stages"]["train"]["status"] == "interrupted"

@@ -319,7 +319,7 @@ def run_setting(step: Callable, dataset, collate, indices: List[int], batch_size
             if trace_path is not None:
                 write_trace(trace_path, device, lambda: one_step(labelled=True), n_trace)
     finally:
-        del iterator  # shuts the loader's workers down now, not at the next collection
+        iterator = None  # the last reference: the loader's workers shut down now, not at a collection
 
     if samples == 0:
         raise RuntimeError(f"no image of the {profile.steps} measured batches loaded ({skipped} skipped): "

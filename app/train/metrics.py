@@ -135,9 +135,9 @@ class CocoEvaluator(Evaluator):
                     detection["keypoints"] = found["keypoints"][index].reshape(-1).tolist()
                 found_all.append(detection)
         objects = []
-        for annotations in (truths, found_all):
+        for listed in (truths, found_all):
             coco = COCO()
-            coco.dataset = {"images": images, "categories": categories, "annotations": annotations}
+            coco.dataset = {"images": images, "categories": categories, "annotations": listed}
             with contextlib.redirect_stdout(io.StringIO()):
                 coco.createIndex()
             objects.append(coco)
