@@ -156,6 +156,7 @@ def test_latency_mode_reports_per_image_percentiles_at_batch_size_one(env, tmp_p
         assert latency["p50"] <= end_to_end["p50"] and row["samples"] == 12
     assert re.fullmatch(r"hardware\.num_workers=[01]", profile["recommended"]["overrides"])
     assert profile["plots"] == ["plots/profile_latency.png", "plots/profile_cpu_time_per_sample.png"]
+    assert "latency p50/p95 ms" in result.stdout
 
     refused = thresher([*PROFILE, "profile.mode=latency", "profile.batch_sizes=[1,8]"], env, tmp_path)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
@@ -176,6 +177,9 @@ def test_infer_mode_runs_on_images_without_labels(env, tmp_path, cache_dir):
     assert all(r["samples"] == 3 * r["batch_size"] for r in profile["settings"])
     # resnet18 both embeds and is profiled: the batch size is the embed stage's
     assert profile["recommended"]["overrides"].startswith("sampler.batch_size=")
+    assert profile["plots"] == ["plots/profile_throughput.png", "plots/profile_latency_vs_batch_size.png",
+                                "plots/profile_cpu_time_per_sample.png"]
+    assert all(0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] for r in profile["settings"])
 
     trained = thresher([*args, "profile.mode=train", "run_directory=train"], env, tmp_path)
     assert trained.returncode == 2 and "classification needs at least 2 classes" in trained.stderr

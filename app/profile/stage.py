@@ -405,16 +405,18 @@ def describe_device(device: torch.device) -> str:
 
 
 def log_table(rows: List[Dict], mode: str) -> None:
-    log.info("profile: %5s %7s %11s %14s %8s %13s %9s %9s %6s", "batch", "workers", "samples/s", "step p50/p95 ms",
+    """The sweep as a table in the log: throughput and costs; in latency mode the percentiles."""
+    timing = "latency p50/p95 ms" if mode == "latency" else "step p50/p95 ms"
+    log.info("profile: %5s %7s %11s %18s %8s %13s %9s %9s %6s", "batch", "workers", "samples/s", timing,
              "compute", "CPU ms/sample", "RSS MB", "GPU MB", "GPU %")
     for row in rows:
         if row["status"] != OK:
             log.info("profile: %5d %7d %s", row["batch_size"], row["num_workers"],
                      "out of memory" if row["status"] == OOM else f"failed: {row['error']}")
             continue
-        gpu_mb = row["gpu_memory_peak_mb"]
-        util = row["gpu_utilization_pct"]
-        log.info("profile: %5d %7d %11.2f %14s %8.2f %13.2f %9.0f %9s %6s", row["batch_size"], row["num_workers"],
-                 row["samples_per_s"], f"{row['step_ms']['p50']:.1f}/{row['step_ms']['p95']:.1f}",
-                 row["compute_efficiency"], row["cpu_ms_per_sample"], row["host_rss_peak_mb"],
-                 "-" if gpu_mb is None else f"{gpu_mb:.0f}", "-" if util is None else f"{util:.0f}")
+        times = row["latency_ms"] if mode == "latency" else row["step_ms"]
+        gpu_mb, util = row["gpu_memory_peak_mb"], row["gpu_utilization_pct"]
+        log.info("profile: %5d %7d %11.2f %18s %8.2f %13.2f %9.0f %9s %6s", row["batch_size"], row["num_workers"],
+                 row["samples_per_s"], f"{times['p50']:.1f}/{times['p95']:.1f}", row["compute_efficiency"],
+                 row["cpu_ms_per_sample"], row["host_rss_peak_mb"], "-" if gpu_mb is None else f"{gpu_mb:.0f}",
+                 "-" if util is None else f"{util:.0f}")

@@ -206,17 +206,24 @@ def _by_workers(rows: Sequence[dict]) -> Dict[int, List[dict]]:
     return {workers: sorted(line, key=lambda row: row["batch_size"]) for workers, line in sorted(lines.items())}
 
 
+def _value(row: dict, key: str):
+    """row["a.b"] as row["a"]["b"]: nested figures such as latency_ms.p95."""
+    for part in key.split("."):
+        row = row[part]
+    return row
+
+
 def plot_against_batch_size(rows: Sequence[dict], value: str, ylabel: str, title: str, path: Path,
                             recommended: Optional[dict] = None) -> None:
-    """`value` of each setting that ran against its batch size (log 2 axis), a line per worker
-    count; settings out of memory are marked on the axis, the recommended one ringed."""
+    """`value` (a dotted key) of each setting that ran against its batch size (log 2 axis), a line
+    per worker count; settings out of memory are marked on the axis, the recommended one ringed."""
     figure = _figure(7, 4)
     axes = figure.add_subplot()
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     for i, (workers, line) in enumerate(_by_workers(rows).items()):
         colour = colours[i % len(colours)]
         ran = [row for row in line if row["status"] == "ok"]
-        axes.plot([row["batch_size"] for row in ran], [row[value] for row in ran], marker="o", color=colour,
+        axes.plot([row["batch_size"] for row in ran], [_value(row, value) for row in ran], marker="o", color=colour,
                   label=f"{workers} loader worker{'s' if workers != 1 else ''}")
         oom = [row["batch_size"] for row in line if row["status"] == "oom"]
         if oom:
@@ -225,7 +232,7 @@ def plot_against_batch_size(rows: Sequence[dict], value: str, ylabel: str, title
         if recommended:
             for row in ran:
                 if (row["batch_size"], row["num_workers"]) == (recommended["batch_size"], recommended["num_workers"]):
-                    axes.plot([row["batch_size"]], [row[value]], marker="o", markersize=16, fillstyle="none",
+                    axes.plot([row["batch_size"]], [_value(row, value)], marker="o", markersize=16, fillstyle="none",
                               color="black", linestyle="none", label="recommended")
     sizes = sorted({row["batch_size"] for row in rows})
     axes.set_xscale("log", base=2)

@@ -12,6 +12,7 @@ from app.report.page import read_report, write_report_files
 THROUGHPUT_PNG = "plots/profile_throughput.png"
 CPU_TIME_PNG = "plots/profile_cpu_time_per_sample.png"
 LATENCY_PNG = "plots/profile_latency.png"
+BATCH_LATENCY_PNG = "plots/profile_latency_vs_batch_size.png"
 
 
 def write_profile_report(run_dir: Path, section: Dict) -> List[str]:
@@ -31,6 +32,13 @@ def write_profile_report(run_dir: Path, section: Dict) -> List[str]:
                                           run_dir / THROUGHPUT_PNG, section.get("recommended"))
             captions[THROUGHPUT_PNG] = ("Samples per second against batch size, a line per number of loader "
                                         "workers; x: out of memory; ringed: the recommended setting.")
+        if mode == "infer":
+            plots.plot_against_batch_size(rows, "latency_ms.p95", "p95 latency of a batch (ms)",
+                                          f"Latency: {subject}", run_dir / BATCH_LATENCY_PNG)
+            captions[BATCH_LATENCY_PNG] = ("p95 time from a batch in hand to its results on the host, against "
+                                           "batch size: a larger batch raises the throughput, but every image "
+                                           "waits for its whole batch (live use wants batch size 1: "
+                                           "profile.mode=latency).")
         plots.plot_against_batch_size(rows, "cpu_ms_per_sample", "CPU ms / sample",
                                       f"CPU time per sample: {subject}", run_dir / CPU_TIME_PNG)
         captions[CPU_TIME_PNG] = ("CPU time (user + system, the process and its loader workers) per sample "
