@@ -94,7 +94,7 @@ def generate_shapes(root: Path, n_images: int, image_size: int, n_corrupt: int =
         image, box, keypoints = _draw_image(rng, kind, image_size)
         if index >= n_good:
             path = root / kind / f"corrupt_{index:05d}.png"
-            _write_truncated_png(image, path)
+            _write_truncated(image, path)
             continue
         file_name = f"{kind}/{kind}_{index:05d}.png"
         image.save(root / file_name)
@@ -112,12 +112,13 @@ def generate_shapes(root: Path, n_images: int, image_size: int, n_corrupt: int =
     (root / "annotations.json").write_text(json.dumps(coco))
 
 
-def _write_truncated_png(image: Image.Image, path: Path) -> None:
-    """A PNG cut off halfway: the header reads, the pixels do not (a typical corrupt upload)."""
+def _write_truncated(image: Image.Image, path: Path) -> None:
+    """The image encoded in its file's format, cut off halfway: the header reads, the pixels do
+    not (a typical corrupt upload)."""
     import io
 
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix[1:].upper())
     data = buffer.getvalue()
     path.write_bytes(data[: len(data) // 2])
 
@@ -142,8 +143,7 @@ def write_pet_layout(root: Path, n_images: int, image_size: int, n_corrupt: int 
         stem = f"{breed}_{index + 1}"
         image, box, _ = _draw_image(rng, kind, image_size)
         if index >= n_images - n_corrupt:
-            data = _jpeg_bytes(image)
-            (root / "images" / f"{stem}.jpg").write_bytes(data[: len(data) // 2])
+            _write_truncated(image, root / "images" / f"{stem}.jpg")
             continue
         image.save(root / "images" / f"{stem}.jpg", quality=90)
         mask = Image.new("L", image.size, 2)
@@ -159,14 +159,6 @@ def write_pet_layout(root: Path, n_images: int, image_size: int, n_corrupt: int 
         lines.append(f"{stem} {breed_id} {species} {breed_id}")
     (root / "annotations" / "trainval.txt").write_text("\n".join(lines) + "\n")
     return root
-
-
-def _jpeg_bytes(image: Image.Image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def main(argv: List[str] = None) -> None:

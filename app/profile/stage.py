@@ -128,15 +128,17 @@ def profile_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> Profi
 def profiling_data(cfg: DictConfig, run_dir: Path) -> ProfileData:
     """The scanned (and selected) images with their labels. Training needs labels; inference runs
     on unlabelled images too, with torchvision's default head size."""
+    from app.data.scan import DATASET
     from app.train.data import keypoint_flip_index, selected_files, training_data
 
     task = cfg.model.task
-    input_dir, files, _, folder_classes = selected_files(run_dir)
+    folder_classes = json.loads((run_dir / DATASET).read_text())["classes"]
     labelled = cfg.data.name in TASK_DATA[task] and not (cfg.data.name == "folder" and len(folder_classes) < 2)
     if cfg.profile.mode == "train" or labelled:
         data = training_data(cfg, run_dir)
         flip = keypoint_flip_index(data.annotations.keypoint_names) if task == "keypoints" else None
         return ProfileData(data.input_dir, data.files, data.targets, data.classes, data.num_keypoints, flip)
+    input_dir, files, _, _ = selected_files(run_dir)
     if not files:
         raise UserError(f"no usable images to profile in {input_dir}: see filenames/corrupt_filenames.txt")
     num_classes, num_keypoints = DEFAULT_HEADS[task]
@@ -213,15 +215,14 @@ class CyclingBatches(Sampler):
         return self.n_batches
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        from app.train.data import sample_seed
+        from app.train.data import sample_seed, shuffled
 
         pool: List[Tuple[int, int]] = []
         epoch = 0
         for _ in range(self.n_batches):
             while len(pool) < self.batch_size:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                order = torch.randperm(len(self.indices), generator=generator).tolist()
-                pool += [(self.indices[i], sample_seed(self.seed, epoch, self.indices[i])) for i in order]
+                pool += [(index, sample_seed(self.seed, epoch, index))
+                         for index in shuffled(self.indices, self.seed, epoch)]
                 epoch += 1
             batch, pool = pool[:self.batch_size], pool[self.batch_size:]
             yield batch

@@ -7,9 +7,16 @@ with the inspector) can read.
 from __future__ import annotations
 
 import base64
+import json
 from html import escape
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from app import atomic
+
+# One report per run: each stage that reports (select, profile) adds its section.
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -70,17 +77,13 @@ def _figure(run_dir: Path, plot: str, caption: str) -> str:
 
 def write_report_files(run_dir: Path, report: dict) -> None:
     """report.json and the report.html rendered from it, both atomically."""
-    from app import atomic
-
-    atomic.write_json(run_dir / "report.json", report)
-    atomic.write_text(run_dir / "report.html", render_html(run_dir, report))
+    atomic.write_json(run_dir / REPORT_JSON, report)
+    atomic.write_text(run_dir / REPORT_HTML, render_html(run_dir, report))
 
 
 def read_report(run_dir: Path) -> dict:
     """The run's report.json so far (another stage's section may be in it), or {}."""
-    import json
-
-    path = run_dir / "report.json"
+    path = run_dir / REPORT_JSON
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from app.report import plots
-from app.report.page import read_report, write_report_files
+from app.report.page import REPORT_HTML, REPORT_JSON, read_report, write_report_files
 
 THROUGHPUT_PNG = "plots/profile_throughput.png"
 CPU_TIME_PNG = "plots/profile_cpu_time_per_sample.png"
@@ -48,4 +48,4 @@ def write_profile_report(run_dir: Path, section: Dict) -> List[str]:
     report = read_report(run_dir)
     report["profile"] = section
     write_report_files(run_dir, report)
-    return ["report.json", "report.html", *captions]
+    return [REPORT_JSON, REPORT_HTML, *captions]

@@ -17,11 +17,10 @@ import numpy as np
 from app import atomic
 from app.report.distances import (distance_stats, max_points_for_memory, nearest_neighbours, on_common_bins,
                                   pairwise_histogram, pca_2d)
+from app.report.page import REPORT_HTML, REPORT_JSON, read_report, write_report_files
 
 log = logging.getLogger("thresher")
 
-REPORT_JSON = "report.json"
-REPORT_HTML = "report.html"
 EMBEDDINGS = "data/embeddings.csv"
 DATASET = "data/dataset.json"
 SELECTION = "data/selection.csv"
@@ -221,8 +220,6 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
 
     report["counts"] = {"candidates": n_candidates, "selected": len(sampled), "removed": len(removed),
                         "corrupt": len(corrupt), "duplicates": len(duplicates)}
-
-    from app.report.page import read_report, write_report_files
 
     report.update(plot_captions=captions, notes=notes)
     earlier = read_report(run_dir)

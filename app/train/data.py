@@ -198,6 +198,12 @@ def make_collate(task: str, labels: Sequence[Any]):
     return collate
 
 
+def shuffled(indices: Sequence[int], seed: int, epoch: int) -> List[int]:
+    """`indices` in the order of epoch `epoch`: a permutation drawn from (seed, epoch) alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+
+
 class EpochBatches(Sampler):
     """Batches of (index, sample seed) for one epoch of this rank, from batch `start_batch` on.
 
@@ -217,10 +223,7 @@ class EpochBatches(Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def _rank_order(self) -> List[int]:
-        order = self.indices
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
+        order = shuffled(self.indices, self.seed, self.epoch) if self.shuffle else self.indices
         if self.world_size > 1:
             total = -(-len(order) // self.world_size) * self.world_size
             order = (order * (total // max(len(order), 1) + 1))[:total]
