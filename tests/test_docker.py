@@ -115,9 +115,15 @@ def image(docker_engine) -> str:
         LOCAL_BASE_IMAGE if image_exists(LOCAL_BASE_IMAGE) else None)
     if base_image:
         command += ["--build-arg", f"BASE_IMAGE={base_image}"]
-    if any((ROOT / "wheelhouse").glob("*.whl")):
+    offline = any((ROOT / "wheelhouse").glob("*.whl"))
+    if offline:
         command += ["--build-arg", "PIP_NO_INDEX=1"]
-    docker(*command, str(ROOT), timeout=3600, check=True)
+    built = docker(*command, str(ROOT), timeout=3600)
+    if built.returncode != 0:
+        hint = "" if offline else ("\n(no wheelhouse/: the build installs from the package index; where containers "
+                                   "cannot reach it, run scripts/make-wheelhouse.sh first, as .ci/run does)")
+        pytest.fail(f"docker build exited {built.returncode}:\n{tail(built.stdout + built.stderr)}{hint}",
+                    pytrace=False)
     return IMAGE
 
 
