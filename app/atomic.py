@@ -1,5 +1,5 @@
-"""Atomic file writes: write a temporary sibling, then rename over the target, so a reader (or a
-resumed run) never sees a half-written artifact."""
+"""Atomic file writes: write a temporary sibling, fsync it, then rename over the target, so a reader
+(or a resumed run) never sees a half-written artifact, not even after a power cut."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,9 @@ os.umask(_UMASK)
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it goes."""
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it goes.
+    Both the data and the rename reach the disk before this returns (fsync of the file, then of
+    the folder), so after a crash `path` holds the old content or the new, never an empty file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -26,10 +28,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
+        fsync(Path(tmp))
         os.replace(tmp, path)
+        fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -57,4 +70,7 @@ def write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[Any]]) 
 
 
 def read_lines(path: Path) -> list[str]:
-    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The lines write_lines wrote, blank ones left out. Split at newlines only, as written
+    (str.splitlines would also split at \\x1c, \\x85, U+2028 ...); a CRLF file reads the same."""
+    lines = (line.removesuffix("\r") for line in Path(path).read_text(encoding="utf-8").split("\n"))
+    return [line for line in lines if line.strip()]

@@ -32,7 +32,8 @@ def sanity_check(cfg: DictConfig, run_dir: Path, device) -> Dict[str, str]:
     if not source.exists() or (not source.is_url and not os.access(str(source), os.R_OK | os.X_OK)):
         raise UserError(f"sanity check: input {source} is not there or not readable")
     n_files = 0
-    for n_files, _ in enumerate(source.list_files(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS), start=1):
+    usable = (found for found in source.list_files(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS) if found.problem is None)
+    for n_files, _ in enumerate(usable, start=1):
         if source.is_url and n_files >= LISTED_AT_MOST:
             break
     if n_files == 0:

@@ -19,7 +19,7 @@ pytest.importorskip("moto.server")
 
 from app.data import sources  # noqa: E402
 from app.data.images import open_image  # noqa: E402
-from app.data.scan import scan_stage  # noqa: E402
+from app.data.scan import read_input_files, scan_stage  # noqa: E402
 from conftest import thresher  # noqa: E402
 from test_video import compose, input_files, lines, make_video  # noqa: E402
 
@@ -218,3 +218,16 @@ def test_sanity_check_reaches_a_bucket_input_and_counts_what_is_there(s3, env, t
                      env, tmp_path)
     assert empty.returncode == 2, empty.stderr
     assert "not there" in empty.stderr or "no images" in empty.stderr
+
+
+def test_object_keys_the_name_rule_refuses_are_listed_as_skipped(s3, tmp_path):
+    fs, bucket = s3
+    used = ["a/1.png", 'a/co,mma "quoted".png', "a/日本.png"]
+    # (the S3 server under test refuses a key with a newline, and normalises `a/../x`: a real one keeps them)
+    upload_images(fs, f"{bucket}/data", [*used, "a/tab\t.png", "a/esc\x1b.png"])
+    run_dir = tmp_path / "run"
+    result = scan_stage(compose(f"data.input_dir=s3://{bucket}/data"), run_dir)
+    assert read_input_files(run_dir / "data/input_files.csv")[0] == used
+    assert lines(run_dir / "filenames/unused_filenames.txt") == [
+        "a/esc\\x1b.png\tname holds a control character (\\x1b)", "a/tab\\t.png\tname holds a tab (\\t)"]
+    assert result.n_unused == 2

@@ -40,11 +40,17 @@ def open_image(root: Union[Path, str], name: str) -> Image.Image:
         video, number = frame
         opener = (lambda: source.open(video)) if source.is_url else (lambda: str(source.local_path(video)))
         return read_frame(f"{source.location}/{video}", opener, number).convert("RGB")
-    if source.is_url:
-        with Image.open(io.BytesIO(source.read_bytes(name))) as image:
-            return image.convert("RGB")
-    with Image.open(Path(root) / name) as image:
-        return image.convert("RGB")
+    handle = io.BytesIO(source.read_bytes(name)) if source.is_url else source.open(name)
+    with handle, Image.open(handle) as image:
+        return as_rgb(image)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The image (the first frame of an animated GIF or multi-page TIFF) in RGB. A palette image
+    with a transparent colour goes through RGBA, as Pillow asks (it warns otherwise)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
 
 class ImageFiles(Dataset):

@@ -8,8 +8,11 @@ frames are streamed, one decoded frame at a time per video. `data/videos.json` d
 Writes `data/input_files.csv` (filenames,labels: the images to use), `data/dataset.json` (input
 folder, class names), `filenames/corrupt_filenames.txt` (`filename<TAB>reason`),
 `filenames/duplicate_filenames.txt` (`filename<TAB>the earlier identical file`) and
-`filenames/missing_filenames.txt` (entries of relevant_filenames_file that are not there).
-A corrupt file is reported and skipped, never the end of the run.
+`filenames/missing_filenames.txt` (entries of relevant_filenames_file that are not there) and
+`filenames/unused_filenames.txt` (`name<TAB>reason`: left out for its name or kind, never opened:
+a name that app/data/names.py refuses, anything but a regular file, an unreadable folder, a second
+way into a folder). These last two write names escaped (names.escape_name). A corrupt file is
+reported and skipped, never the end of the run.
 
 Exact duplicates are files with identical bytes (SHA-256): cheap, decided without decoding, and
 never wrong. The same picture re-encoded is a near duplicate; the coreset's min_distance catches it.
@@ -21,6 +24,8 @@ import hashlib
 import io
 import logging
 import os
+import posixpath
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -30,18 +35,22 @@ from PIL import Image, UnidentifiedImageError
 
 from app import atomic
 from app.config import UserError, is_url, shapes_cache_dir
-from app.data.sources import Source, bounded_map, datasource_state_path, load_seen, save_seen, source_for
+from app.data.names import escape_name, name_problem, one_line
+from app.data.sources import (Source, bounded_map, datasource_state_path, load_seen, open_regular_file, save_seen,
+                              source_for, special_file_problem)
 from app.data.video import VIDEO_EXTENSIONS, is_video, scan_video
 from app.progress import Progress
 
 log = logging.getLogger("thresher")
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# A multi-frame image (an animated GIF, a multi-page TIFF) is used by its first frame.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 INPUT_FILES = "data/input_files.csv"
 DATASET = "data/dataset.json"
 CORRUPT_FILES = "filenames/corrupt_filenames.txt"
 DUPLICATE_FILES = "filenames/duplicate_filenames.txt"
 MISSING_FILES = "filenames/missing_filenames.txt"
+UNUSED_FILES = "filenames/unused_filenames.txt"
 VIDEOS = "data/videos.json"
 
 
@@ -56,10 +65,11 @@ class ScanResult:
     input_dir: str
     n_videos: int = 0
     n_video_frames: int = 0
+    n_unused: int = 0
     # datasource.process_all=false on a bucket: objects skipped because an earlier run saw them.
     n_already_seen: Optional[int] = None
     artifacts: List[str] = field(default_factory=lambda: [INPUT_FILES, DATASET, CORRUPT_FILES,
-                                                          DUPLICATE_FILES, MISSING_FILES])
+                                                          DUPLICATE_FILES, MISSING_FILES, UNUSED_FILES])
 
 
 def resolve_input_dir(data: DictConfig) -> Union[Path, str]:
@@ -77,21 +87,26 @@ def resolve_input_dir(data: DictConfig) -> Union[Path, str]:
 
 
 def list_images(root: Path) -> List[str]:
-    """Image files under `root`, recursively, as sorted POSIX paths relative to it (hidden skipped)."""
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append((Path(folder) / name).relative_to(root).as_posix())
-    return sorted(found)
+    """The usable image files under `root`, recursively, as sorted POSIX paths relative to it
+    (hidden ones and those the scan would skip left out)."""
+    return sorted(found.name for found in source_for(root).list_files(IMAGE_EXTENSIONS) if found.problem is None)
+
+
+def unreadable_reason(error: OSError) -> str:
+    if isinstance(error, PermissionError):
+        return "unreadable: permission denied"
+    return f"unreadable: {error.strerror or error}"
 
 
 def corruption_reason(path: Path, data: Optional[bytes] = None) -> Optional[str]:
     """Why the file cannot be used as an image, or None when it decodes completely."""
     try:
         if data is None:
-            data = path.read_bytes()
+            with open_regular_file(str(path)) as handle:
+                data = handle.read()
+    except OSError as error:
+        return unreadable_reason(error)
+    try:
         if not data:
             return "empty file (0 bytes)"
         with Image.open(io.BytesIO(data)) as image:
@@ -102,24 +117,17 @@ def corruption_reason(path: Path, data: Optional[bytes] = None) -> Optional[str]
         return f"decompression bomb: {error}"
     except UnidentifiedImageError:
         return "not an image: the content matches no image format"
-    except PermissionError:
-        return "unreadable: permission denied"
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         return f"truncated or damaged: {error}"
     return None
 
 
-def inspect_file(path: Union[Path, Callable[[], bytes]], decode: bool,
-                 digest: bool) -> Tuple[Optional[str], Optional[str]]:
-    """(corruption reason or None, SHA-256 of the bytes or None), reading the file (a path, or a
-    function that reads a bucket object) once."""
-    read = path if callable(path) else path.read_bytes
+def inspect_file(read: Callable[[], bytes], decode: bool, digest: bool) -> Tuple[Optional[str], Optional[str]]:
+    """(corruption reason or None, SHA-256 of the bytes or None), reading the file once."""
     try:
         data = read() if (decode or digest) else None
-    except PermissionError:
-        return "unreadable: permission denied", None
     except OSError as error:
-        return f"unreadable: {error.strerror or error}", None
+        return unreadable_reason(error), None
     except Exception as error:  # a bucket's read errors, already retried by its filesystem
         return f"unreadable: {type(error).__name__}: {error}", None
     reason = corruption_reason(Path("."), data) if decode else None
@@ -127,52 +135,72 @@ def inspect_file(path: Union[Path, Callable[[], bytes]], decode: bool,
     return reason, sha
 
 
-def read_relevant_filenames(list_file: Path, input_dir: Path) -> Tuple[List[str], List[Tuple[str, str]]]:
-    """The listed images that exist (sorted, deduplicated) and the entries that do not, with why.
-    Only the listed paths are looked at: no walk over a large input folder."""
-    present, missing = set(), []
-    root = input_dir.resolve()
-    for raw in list_file.read_text(encoding="utf-8").splitlines():
-        entry = raw.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        name = Path(entry).as_posix().removeprefix("./")
-        path = (input_dir / name)
-        if Path(name).is_absolute() or not path.resolve().is_relative_to(root):
+def relevant_entries(text: str) -> List[str]:
+    """A relevant_filenames_file's entries: one a line, blank lines and `#` comments left out (so
+    a file named `#x.png` is listed as `./#x.png`)."""
+    entries = (line.strip(" \t\r") for line in text.split("\n"))
+    return [entry for entry in entries if entry and not entry.startswith("#")]
+
+
+def check_entries(entries: List[str]) -> Tuple[Dict[str, str], List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """({normalised name: its first entry}, missing (entry, why), skipped (name, why)). A name is
+    normalised before it is checked and before a label is taken from it: `b/../a/x.png`, `./a/x.png`
+    and `a//x.png` all name `a/x.png`, class a, once."""
+    names: Dict[str, str] = {}
+    missing: List[Tuple[str, str]] = []
+    skipped: Dict[str, str] = {}
+    for entry in dict.fromkeys(entries):
+        name = posixpath.normpath(entry)
+        if name.startswith("/") or name == ".." or name.startswith("../"):
             missing.append((entry, "outside the input folder"))
-        elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
+        elif posixpath.splitext(name)[1].lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
             missing.append((entry, "not an image or video file name"))
-        elif not path.is_file():
-            missing.append((entry, "no such file"))
+        elif (problem := name_problem(name)) is not None:
+            skipped[name] = problem
         else:
-            present.add(name)
-    return sorted(present), missing
+            names.setdefault(name, entry)
+    return names, missing, list(skipped.items())
+
+
+def read_relevant_filenames(list_file: Path, input_dir: Path) -> Tuple[List[str], List[Tuple[str, str]],
+                                                                     List[Tuple[str, str]]]:
+    """The listed images that can be used (sorted, deduplicated), the entries that are not there,
+    and the files that are there but not used, with why. Only the listed paths are looked at: no
+    walk over a large input folder."""
+    text = list_file.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    names, missing, skipped = check_entries(relevant_entries(text))
+    present = []
+    for name, entry in names.items():
+        path = os.path.join(input_dir, name)
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:
+            regular = False
+        if regular:
+            present.append(name)
+        elif os.path.lexists(path):
+            skipped.append((name, special_file_problem(path)))
+        else:
+            missing.append((entry, "no such file"))
+    return sorted(present), missing, skipped
 
 
 def read_relevant_objects(list_file: str, source: Source) -> Tuple[List[Tuple[str, Optional[str]]],
-                                                                   List[Tuple[str, str]]]:
-    """For a bucket: the listed objects that exist, with their ETags, and the entries that do not.
-    One metadata request per entry, in parallel; the bucket is never listed."""
+                                                                   List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """For a bucket: the listed objects that exist, with their ETags, the entries that do not, and
+    the names not used, with why. One metadata request per entry, in parallel; the bucket is never
+    listed."""
     import fsspec
 
-    with fsspec.open(list_file, "rt", encoding="utf-8") as handle:
-        entries = [line.strip() for line in handle.read().splitlines()]
-    names, missing = [], []
-    for entry in dict.fromkeys(e for e in entries if e and not e.startswith("#")):
-        name = entry.removeprefix("./")
-        if name.startswith("/") or ".." in name.split("/"):
-            missing.append((entry, "outside the input folder"))
-        elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
-            missing.append((entry, "not an image or video file name"))
-        else:
-            names.append(name)
+    with fsspec.open(list_file, "rt", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        names, missing, skipped = check_entries(relevant_entries(handle.read()))
     present = []
-    for name, etag in zip(names, bounded_map(source.etag, names, workers=16)):
+    for (name, entry), etag in zip(names.items(), bounded_map(source.etag, list(names), workers=16)):
         if etag is None:
-            missing.append((name, "no such object"))
+            missing.append((entry, "no such object"))
         else:
             present.append((name, etag))
-    return sorted(present), missing
+    return sorted(present), missing, skipped
 
 
 def labels_for(files: List[str]) -> Tuple[List[str], List[int]]:
@@ -197,16 +225,25 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
         raise UserError(f"data.input_dir={str(input_dir)!r} is not a folder" +
                         (" or a bucket prefix that this machine can read" if source.is_url else ""))
     missing: List[Tuple[str, str]] = []
+    skipped: List[Tuple[str, str]] = []
     relevant = cfg.data.get("relevant_filenames_file")
     if relevant and source.is_url:
-        listed, missing = read_relevant_objects(relevant, source)
+        listed, missing, skipped = read_relevant_objects(relevant, source)
     elif relevant:
-        names, missing = read_relevant_filenames(Path(relevant), Path(input_dir))
+        names, missing, skipped = read_relevant_filenames(Path(relevant), Path(input_dir))
         listed = [(name, None) for name in names]
     else:
-        listed = list(source.list_files(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
+        listed = []
+        for found in source.list_files(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS):
+            if found.problem is None:
+                listed.append((found.name, found.etag))
+            else:
+                skipped.append((found.name, found.problem))
     for entry, why in missing:
-        log.warning("relevant_filenames_file entry skipped: %s (%s)", entry, why)
+        log.warning("relevant_filenames_file entry skipped: %s (%s)", escape_name(entry), why)
+    skipped.sort()
+    for name, why in skipped:
+        log.warning("not used: %s (%s)", escape_name(name), why)
 
     already_seen, seen, state_path = None, {}, None
     datasource = cfg.get("datasource")
@@ -227,8 +264,9 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     videos = [name for name in names if is_video(name)]
     if not names:
         where = f"listed in {relevant}" if relevant else f"under {input_dir}"
-        raise UserError(f"no images or videos {where} (looked for "
-                        f"{', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))})")
+        raise UserError(f"no usable images or videos {where} (looked for "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))}"
+                        f"{f'; {len(skipped)} not used, see the log' if skipped else ''})")
 
     corrupt: List[Tuple[str, str]] = []
     duplicates: List[Tuple[str, str]] = []
@@ -250,8 +288,9 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     video_info: Dict[str, dict] = {}
     with Progress(len(images) + len(videos), "scan") as bar:
         if decode or digest:
-            reader = (lambda name: inspect_file(lambda: source.read_bytes(name), decode, digest)) if source.is_url \
-                else (lambda name: inspect_file(source.local_path(name), decode, digest))
+            def reader(name: str):
+                return inspect_file(lambda: source.read_bytes(name), decode, digest)
+
             for name, (reason, sha) in zip(images, bounded_map(reader, images, workers, window=64)):
                 check(name, reason, sha)
                 bar.update(1)
@@ -282,21 +321,23 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
 
     atomic.write_csv(run_dir / INPUT_FILES, ["filenames", "labels"], good)
     atomic.write_json(run_dir / DATASET, {"input_dir": str(source.location), "classes": classes})
-    atomic.write_lines(run_dir / CORRUPT_FILES, (f"{name}\t{reason}" for name, reason in corrupt))
+    atomic.write_lines(run_dir / CORRUPT_FILES, (f"{name}\t{one_line(reason)}" for name, reason in corrupt))
     atomic.write_lines(run_dir / DUPLICATE_FILES, (f"{name}\t{first}" for name, first in duplicates))
-    atomic.write_lines(run_dir / MISSING_FILES, (f"{entry}\t{why}" for entry, why in missing))
+    atomic.write_lines(run_dir / MISSING_FILES, (f"{escape_name(entry)}\t{one_line(why)}" for entry, why in missing))
+    atomic.write_lines(run_dir / UNUSED_FILES, (f"{escape_name(name)}\t{one_line(why)}" for name, why in skipped))
     result = ScanResult(n_files=len(files), n_images=len(good), n_corrupt=len(corrupt),
                         n_duplicates=len(duplicates), n_missing=len(missing), n_classes=len(classes),
                         input_dir=str(source.location), n_videos=len(videos), n_video_frames=len(frames),
-                        n_already_seen=already_seen)
+                        n_unused=len(skipped), n_already_seen=already_seen)
     if videos:
         atomic.write_json(run_dir / VIDEOS, video_info)
         result.artifacts.append(VIDEOS)
     if state_path is not None:
         save_seen(state_path, source.location, {**seen, **{name: etag for name, etag in listed if etag}})
     log.info("scan: %d images and %d video frames (%d videos) in %s: %d usable, %d corrupt, %d exact "
-             "duplicates, %d listed but missing; %d classes", len(images), len(frames), len(videos), source,
-             len(good), len(corrupt), len(duplicates), len(missing), len(classes))
+             "duplicates, %d listed but missing, %d not used (%s); %d classes", len(images), len(frames),
+             len(videos), source, len(good), len(corrupt), len(duplicates), len(missing), len(skipped),
+             UNUSED_FILES, len(classes))
     return result
 
 
@@ -312,4 +353,4 @@ def add_corrupt(run_dir: Path, found: List[Tuple[str, str]]) -> None:
         return
     path = run_dir / CORRUPT_FILES
     existing = atomic.read_lines(path) if path.is_file() else []
-    atomic.write_lines(path, existing + [f"{name}\t{reason}" for name, reason in found])
+    atomic.write_lines(path, existing + [f"{name}\t{one_line(reason)}" for name, reason in found])

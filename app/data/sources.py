@@ -7,15 +7,19 @@ consumed lazily; nothing copies the bucket first. Credentials reach the filesyst
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import (Any, BinaryIO, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple,
+                    TypeVar, Union)
 
 from app.config import URL_PATTERN, URL_PROTOCOLS, is_url
+from app.data.names import name_problem
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,6 +68,62 @@ def bounded_map(function: Callable[[T], R], items: Iterable[T], workers: int, wi
             yield pending.popleft().result()
 
 
+class Listed(NamedTuple):
+    """A file found under a root: to be used when `problem` is None, else listed as skipped, with it."""
+    name: str
+    etag: Optional[str] = None
+    problem: Optional[str] = None
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def file_kind(mode: int) -> str:
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def special_file_problem(path: str) -> str:
+    """Why `path`, which is not a regular file (nor a link to one), is not used."""
+    try:
+        return f"not a regular file: {file_kind(os.stat(path).st_mode)}"
+    except FileNotFoundError:
+        return "a link to nothing (dangling symlink)" if os.path.islink(path) else "no such file"
+    except OSError as error:
+        return "a symlink loop" if error.errno == errno.ELOOP else f"not readable: {error.strerror}"
+
+
+def open_regular_file(path: str) -> BinaryIO:
+    """`path` opened for reading if it is a regular file. Opened without blocking and checked once
+    open, so that a FIFO or device put in a file's place after the listing is refused, never
+    waited on (a blocked open would hang a reader thread for good)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file: {file_kind(mode)}", path)
+        os.set_blocking(fd, True)  # a regular file's reads block anyway; a FUSE filesystem may heed the flag
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_regular_file(entry: os.DirEntry) -> bool:
+    """A regular file or a link to one (DirEntry knows the type without a stat, except for links)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 class Source:
     """A folder or a bucket prefix whose files are named relative to it."""
 
@@ -95,23 +155,14 @@ class Source:
             return False
 
     # -- listing -------------------------------------------------------------------------------
-    def list_files(self, extensions: Iterable[str]) -> Iterator[Tuple[str, Optional[str]]]:
-        """(name, ETag or None) of every file under the root whose extension is in `extensions`,
-        hidden names skipped, in no particular order; lazily, a page of a bucket at a time."""
+    def list_files(self, extensions: Iterable[str]) -> Iterator[Listed]:
+        """Every file under the root whose extension is in `extensions`, hidden names skipped, in
+        no particular order; lazily, a page of a bucket at a time. An entry with a `problem` is
+        not to be used or opened (app/data/names.py; in a folder, also anything that is not a
+        regular file, and unreadable folders)."""
         wanted = {e.lower() for e in extensions}
-
-        def keep(name: str) -> bool:
-            parts = name.split("/")
-            return (not any(p.startswith(".") for p in parts)
-                    and os.path.splitext(parts[-1])[1].lower() in wanted)
-
         if not self.is_url:
-            for folder, dirs, files in os.walk(self._root, followlinks=True):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                for file_name in files:
-                    name = (Path(folder) / file_name).relative_to(self._root).as_posix()
-                    if keep(name):
-                        yield name, None
+            yield from self._walk_folder(wanted)
             return
         prefix = self._root + "/"
         for info in self._list_objects():
@@ -119,8 +170,70 @@ class Source:
             if info.get("type", "file") != "file" or not path.startswith(prefix):
                 continue
             name = path[len(prefix):]
-            if keep(name):
-                yield name, etag_of(info)
+            parts = name.split("/")
+            if not any(p.startswith(".") for p in parts) and os.path.splitext(parts[-1])[1].lower() in wanted:
+                yield Listed(name, etag_of(info), name_problem(name))
+
+    def _walk_folder(self, wanted: Set[str]) -> Iterator[Listed]:
+        """Each folder is entered once, by (device, inode): a link to an ancestor or a second way
+        to a folder adds nothing and is listed as skipped. Linked folders are entered after the
+        real ones, so that a file is named by its real path where it has one."""
+        top = os.stat(self._root)
+        entered = {(top.st_dev, top.st_ino): ""}
+        folders: List[str] = [""]
+        linked: Deque[str] = deque()
+        while folders or linked:
+            if folders:
+                folder = folders.pop()
+            else:
+                folder = linked.popleft()
+                problem = self._enter(folder, entered)
+                if problem is not None:
+                    yield Listed(folder, problem=problem)
+                    continue
+            try:
+                with os.scandir(self._path(folder) if folder else self._root) as scan:
+                    entries = list(scan)
+            except OSError as error:
+                yield Listed(folder or ".", problem=f"folder not readable: {error.strerror}")
+                continue
+            subfolders, links = [], []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                name = f"{folder}/{entry.name}" if folder else entry.name
+                if _is_folder(entry):
+                    problem = name_problem(entry.name)
+                    if problem is not None:
+                        yield Listed(name, problem=f"folder {problem}: not entered")
+                    else:
+                        (links if entry.is_symlink() else subfolders).append(name)
+                    continue
+                if os.path.splitext(entry.name)[1].lower() not in wanted:
+                    continue
+                problem = name_problem(entry.name)
+                if problem is None and not _is_regular_file(entry):
+                    problem = special_file_problem(entry.path)
+                yield Listed(name, problem=problem)
+            for name in sorted(subfolders, reverse=True):  # popped in sorted order
+                problem = self._enter(name, entered)
+                if problem is None:
+                    folders.append(name)
+                else:
+                    yield Listed(name, problem=problem)
+            linked.extend(sorted(links))
+
+    def _enter(self, folder: str, entered: Dict[Tuple[int, int], str]) -> Optional[str]:
+        """Note `folder` as entered; or why not: it was entered already, by another way to it."""
+        try:
+            info = os.stat(self._path(folder))
+        except OSError as error:
+            return f"folder not readable: {error.strerror}"
+        key = (info.st_dev, info.st_ino)
+        if key in entered:
+            return f"folder scanned already, as {entered[key] or 'the input folder'}"
+        entered[key] = folder
+        return None
 
     def _list_objects(self) -> Iterator[dict]:
         if self.protocol == "s3" and hasattr(self.fs, "_iterdir"):
@@ -166,13 +279,14 @@ class Source:
 
     def read_bytes(self, name: str) -> bytes:
         if not self.is_url:
-            return Path(self._path(name)).read_bytes()
+            with open_regular_file(self._path(name)) as handle:
+                return handle.read()
         return self.fs.cat_file(self._path(name))
 
     def open(self, name: str):
         """A binary, seekable file object (a bucket object is read in blocks, not all at once)."""
         if not self.is_url:
-            return open(self._path(name), "rb")
+            return open_regular_file(self._path(name))
         return self.fs.open(self._path(name), "rb")
 
     def local_path(self, name: str) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -101,7 +102,8 @@ def training_data(cfg, run_dir: Path) -> TrainingData:
 def split(files: Sequence[str], val_fraction: float, val_filenames_file: Optional[str], seed: int):
     """(train indices, validation indices): the listed files validate, or a seeded fraction does."""
     if val_filenames_file:
-        listed = set(atomic.read_lines(Path(val_filenames_file)))
+        # `./a/x.png` and `a//x.png` name a/x.png, as in relevant_filenames_file
+        listed = {posixpath.normpath(line) for line in atomic.read_lines(Path(val_filenames_file))}
         val = [i for i, f in enumerate(files) if f in listed]
         if not val:
             raise UserError(f"trainer.val_filenames_file={val_filenames_file!r} names none of the "
