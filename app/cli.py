@@ -1,22 +1,24 @@
 """The `thresher` command: Hydra's entrypoint, kept thin.
 
 Before Hydra runs, secrets are taken off the command line and the overrides are composed and
-checked once, so a user error exits 2 with one line, before any heavy import or any file is
-written.
+checked once, so a user error exits 2 with one line before any file is written. Only a run that
+trains imports torch here, to try its optimizer and scheduler; `--cfg` never does.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from app.config import (UserError, did_you_mean, register_configs, register_resolvers, run_directory_path,
-                         validate)
+                         trains, validate)
 from app.secrets import install_redaction, redact, register_environment_secrets, take_secret_overrides
 
 
@@ -45,11 +47,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     register_configs()
     register_resolvers()
     try:
-        preflight(args)
+        parsed = preflight(args)
     except UserError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the traceback, as asked; still a user error
+            sys.stderr.write(redact(traceback.format_exc()))
         fail(str(error))
+    if parsed is not None and parsed.cfg == "hydra" and parsed.resolve:
+        show_resolved_hydra_config(parsed.overrides, parsed.package)
+        return
     sys.argv = [sys.argv[0], *args]
     try:
         hydra_entry()
@@ -74,35 +79,59 @@ def hydra_entry(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 # Checking the overrides before Hydra runs
 # ---------------------------------------------------------------------------------------------
-def preflight(args: List[str]) -> None:
-    """Compose the config the way Hydra will and check it; raises UserError."""
+def preflight(args: List[str]) -> Optional[argparse.Namespace]:
+    """Compose the config the way Hydra will and check it; raises UserError. Returns the parsed
+    arguments, or None when Hydra answers them itself."""
     from hydra._internal.utils import get_args_parser
 
     parsed = get_args_parser().parse_args(args)
     if (parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion or parsed.multirun
             or parsed.config_path or parsed.config_name or parsed.config_dir):
-        return  # Hydra answers these itself; each job of a sweep checks its own config
+        return None  # Hydra answers these itself; each job of a sweep checks its own config
     cfg = compose(parsed.overrides)
     validate(cfg)
-    if cfg.run_directory and not parsed.cfg:  # refuse before Hydra touches the old run's folder
-        from app.run import SUMMARY, Summary, refuse_finished_run
+    if not parsed.cfg:  # refuse before Hydra creates the folder and opens its log file there
+        from app.run import SUMMARY, Summary, check_run_directory, refuse_finished_run
 
         run_dir = Path(run_directory_path(cfg.work_dir, cfg.note, cfg.run_directory))
+        check_run_directory(run_dir, cfg.work_dir, cfg.run_directory)
         refuse_finished_run(Summary.load(run_dir / SUMMARY), cfg.overwrite, cfg.resume)
+        if trains(cfg) and not cfg.sanity_check:  # what torch refuses too; the run imports it next anyway
+            from app.train.loop import check_train_config
+
+            check_train_config(cfg)
+    return parsed
+
+
+def show_resolved_hydra_config(overrides: List[str], package: Optional[str]) -> None:
+    """`--cfg hydra --resolve` as Hydra prints it, but resolved while the job's keys are still
+    there: Hydra drops them first, and hydra.run.dir is made of work_dir, note and run_directory."""
+    cfg = compose_quietly(overrides, with_hydra=True)
+    with open_dict(cfg.hydra):
+        del cfg.hydra["help"], cfg.hydra["hydra_help"]
+    OmegaConf.resolve(cfg.hydra)
+    shown = OmegaConf.create({"hydra": cfg.hydra})
+    if package and package != "_global_":
+        shown = OmegaConf.select(shown, package)
+        if shown is None:
+            fail(f"--package {package}: no such key in the Hydra config")
+        if not isinstance(shown, DictConfig):
+            print(redact(str(shown)))
+            return
+        print(f"# @package {package}")
+    sys.stdout.write(redact(OmegaConf.to_yaml(shown)))
 
 
 def compose(overrides: List[str]) -> DictConfig:
     try:
         return compose_quietly(overrides)
     except Exception as error:  # Hydra's and OmegaConf's own exceptions, made readable
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise UserError(explain_compose_error(error, overrides)) from None
+        raise UserError(explain_compose_error(error, overrides)) from error
 
 
 def explain_compose_error(error: Exception, overrides: List[str]) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigKeyError, ValidationError
+    from omegaconf.errors import ConfigKeyError, ConfigTypeError, ValidationError
 
     if isinstance(error, OverrideParseException):
         return f"could not parse the override: {_first_line(error)}"
@@ -116,8 +145,15 @@ def explain_compose_error(error: Exception, overrides: List[str]) -> str:
         return _first_line(error)
 
     cause = error
-    while cause is not None and not isinstance(cause, (ConfigKeyError, ValidationError)):
+    while cause is not None and not isinstance(cause, (ConfigKeyError, ConfigTypeError, ValidationError)):
         cause = cause.__cause__ or cause.__context__
+    merging = re.search(r"Error merging override ([^=\s]+)=(.*)", str(error))
+    if isinstance(cause, ConfigTypeError) and merging:  # a list given for a mapping, or the reverse
+        given = merging[2].lstrip()
+        allowed = ("expected a list such as [a,b], not a mapping" if given.startswith("{") else
+                   "expected a mapping such as {name: value}, not a list" if given.startswith("[") else
+                   _first_line(cause))
+        return f"{merging[1]}={merging[2]} is not allowed: {allowed}"
     if isinstance(cause, ConfigKeyError):
         key = cause.full_key or cause.key or _key_in_message(str(error))
         value = _override_value(key, overrides)
@@ -139,6 +175,8 @@ def explain_compose_error(error: Exception, overrides: List[str]) -> str:
         value = _override_value(key, overrides)
         shown = f"{key}={value}" if value is not None else f"'{key}'"
         kind = "key" if "." in key else "key or group"
+        if _in_open_mapping(key, overrides):
+            return f"{shown}: no such key yet: add it with +{key}={value if value is not None else '...'}"
         return f"{shown}: no such {kind}{did_you_mean(key, known_keys(overrides))}"
     return message
 
@@ -172,7 +210,7 @@ def known_keys(overrides: List[str]) -> List[str]:
     return keys
 
 
-def compose_quietly(overrides: List[str]) -> DictConfig:
+def compose_quietly(overrides: List[str], with_hydra: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -180,9 +218,21 @@ def compose_quietly(overrides: List[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="thresher"):
-            return hydra_compose(config_name="config", overrides=overrides)
+            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _in_open_mapping(key: str, overrides: List[str]) -> bool:
+    """Whether `key` lies in a free mapping (trainer.optimizer.params, storage_options), where a new
+    key is added with `+key=value`; under a schema it would be a typo."""
+    parent = key.rpartition(".")[0]
+    choices = [o for o in overrides if re.match(r"^\w+=", o) and o.split("=", 1)[0] in GROUPS]
+    try:
+        node = OmegaConf.select(compose_quietly(choices), parent) if parent else None
+    except Exception:
+        return False
+    return isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
 
 
 def _override_value(key: Optional[str], overrides: List[str]) -> Optional[str]:

@@ -5,10 +5,12 @@ user error is reported before any heavy work starts.
 """
 from __future__ import annotations
 
+import csv
 import difflib
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,13 +34,24 @@ DETECTORS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcn
              "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 KEYPOINT_MODELS = ("keypointrcnn_resnet50_fpn",)
 TASK_MODELS = {"classification": CLASSIFIERS, "detection": DETECTORS, "keypoints": KEYPOINT_MODELS}
+# The validation metrics each task reports (app.train.metrics computes them), higher is better; the
+# first is the default trainer.key_metric. Every task also reports train_loss, lower is better.
+TASK_METRICS = {"classification": ("val_top1",), "detection": ("val_map", "val_map50"),
+                "keypoints": ("val_keypoints_map", "val_keypoints_map50", "val_map", "val_map50")}
 # torch.optim and torch.optim.lr_scheduler names, listed so a typo is refused before torch loads;
-# their keyword arguments are checked against the real signatures before the first stage runs.
+# their keyword arguments and values are tried on a stand-in parameter before the first stage runs.
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
-              "ASGD", "Rprop", "LBFGS", "SparseAdam", "Adafactor", "Muon")
+              "ASGD", "Rprop", "Adafactor")
+# torch.optim optimizers that cannot step a torchvision model in thresher's loop, and why.
+UNSTEPPABLE_OPTIMIZERS = {
+    "LBFGS": "it needs a closure at every step, which the training loop does not pass",
+    "SparseAdam": "it needs sparse gradients, and torchvision models have dense ones",
+    "Muon": "it takes only 2-D parameters, and every torchvision model has 1-D ones (biases, norms)",
+}
 SCHEDULERS = ("StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts",
-              "LinearLR", "ConstantLR", "PolynomialLR", "OneCycleLR", "CyclicLR", "ReduceLROnPlateau",
-              "LambdaLR", "MultiplicativeLR")
+              "LinearLR", "ConstantLR", "PolynomialLR", "OneCycleLR", "CyclicLR", "ReduceLROnPlateau")
+# Schedulers whose required argument is a Python function, which a config cannot hold.
+FUNCTION_SCHEDULERS = ("LambdaLR", "MultiplicativeLR")
 CROP_SAMPLING = ("uniform", "keypoint", "density", "hybrid")
 AMP_DTYPES = ("bf16", "fp16")
 LOGGERS = ("csv", "tensorboard", "wandb")
@@ -509,12 +522,14 @@ def validate(cfg: DictConfig) -> None:
     _validate_trainer(cfg.trainer, cfg.model.task)
     _validate_hardware(cfg.hardware)
     _validate_model(cfg.model, cfg.sampler.embedding_model)
+    if cfg.trainer.key_metric is not None:
+        _validate_key_metric(cfg.trainer, cfg.model.task)
     _validate_logger(cfg.logger)
     if "profile" in stages:
         _validate_profile(cfg.profile)
 
     _validate_data(cfg.data, needs_input="scan" in stages or "profile" in stages or cfg.sanity_check)
-    if "train" in stages or ("profile" in stages and cfg.profile.mode == "train"):
+    if trains(cfg):
         _validate_task_data(cfg.model.task, cfg.data.name)
     if cfg.hardware.node_rank > 0 and stages != ["train"]:
         raise _refuse("stages", stages, f"on hardware.node_rank={cfg.hardware.node_rank} only training runs: "
@@ -529,12 +544,21 @@ def validate(cfg: DictConfig) -> None:
         raise _refuse("resume", True, "choose overwrite=true or resume=true, not both")
 
 
+def trains(cfg: DictConfig) -> bool:
+    """Whether the run trains a model: the train stage, or the profile stage in train mode."""
+    stages = list(cfg.stages)
+    return "train" in stages or ("profile" in stages and cfg.profile.mode == "train")
+
+
 def _validate_trainer(trainer: DictConfig, task: str) -> None:
     for key in ("epochs", "batch_size"):
         if trainer[key] < 1:
             raise _refuse(f"trainer.{key}", trainer[key], "use an integer >= 1")
     if trainer.save_epochs < 0:
         raise _refuse("trainer.save_epochs", trainer.save_epochs, "use an integer >= 0 (0: only last.pt and best.pt)")
+    if trainer.optimizer.type in UNSTEPPABLE_OPTIMIZERS:
+        raise _refuse("trainer.optimizer.type", trainer.optimizer.type,
+                      f"{UNSTEPPABLE_OPTIMIZERS[trainer.optimizer.type]}; choose {', '.join(OPTIMIZERS)}")
     if trainer.optimizer.type not in OPTIMIZERS:
         raise _refuse("trainer.optimizer.type", trainer.optimizer.type,
                       f"choose a torch.optim name: {', '.join(OPTIMIZERS)}", OPTIMIZERS)
@@ -542,6 +566,10 @@ def _validate_trainer(trainer: DictConfig, task: str) -> None:
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise _refuse("trainer.optimizer.params.lr", lr, "use a learning rate > 0")
     scheduler = trainer.scheduler
+    if scheduler.type in FUNCTION_SCHEDULERS:
+        raise _refuse("trainer.scheduler.type", scheduler.type,
+                      f"it needs a Python function (lr_lambda), which a config cannot give; choose "
+                      f"{', '.join(SCHEDULERS)}, or null")
     if scheduler.type is not None and scheduler.type not in SCHEDULERS:
         raise _refuse("trainer.scheduler.type", scheduler.type,
                       f"choose a torch.optim.lr_scheduler name: {', '.join(SCHEDULERS)}, or null", SCHEDULERS)
@@ -561,6 +589,25 @@ def _validate_trainer(trainer: DictConfig, task: str) -> None:
     if trainer.val_filenames_file and not Path(trainer.val_filenames_file).is_file():
         raise _refuse("trainer.val_filenames_file", trainer.val_filenames_file,
                       "it must be an existing text file, one file name per line")
+
+
+def _validate_key_metric(trainer: DictConfig, task: str) -> None:
+    """best.pt is chosen by trainer.key_metric: it must be a metric the task reports, compared the
+    right way round, and a validation metric needs a validation set."""
+    metric, mode = trainer.key_metric, trainer.key_metric_mode
+    reported = (*TASK_METRICS[task], "train_loss")
+    if metric not in reported:
+        raise _refuse("trainer.key_metric", metric,
+                      f"model.task={task} reports {', '.join(reported)} (or null for {reported[0]})", reported)
+    wanted = "min" if metric == "train_loss" else "max"
+    if mode != wanted:
+        raise _refuse("trainer.key_metric_mode", mode,
+                      f"trainer.key_metric={metric} is better when {'lower' if wanted == 'min' else 'higher'}: "
+                      f"use {wanted}")
+    if metric != "train_loss" and trainer.val_fraction == 0 and not trainer.val_filenames_file:
+        raise _refuse("trainer.key_metric", metric, "trainer.val_fraction=0 and no trainer.val_filenames_file "
+                      "leave no validation set to measure it on: use train_loss (with key_metric_mode=min), "
+                      "or set trainer.val_fraction")
 
 
 def _validate_hardware(hardware: DictConfig) -> None:
@@ -596,10 +643,9 @@ def _validate_model(model: DictConfig, embedding_model: Optional[str]) -> None:
         raise UserError(f"model.name={model.name!r} is not allowed: choose a torchvision {model.task} model: "
                         f"{', '.join(allowed)}{hint or did_you_mean(model.name, allowed)}")
     weights = model.weights
-    if weights and not WEIGHTS_NAME_PATTERN.match(weights) and not Path(weights).is_file():
-        raise _refuse("model.weights", weights,
-                      "use null, an existing state-dict file, or a torchvision weights name "
-                      "such as ResNet18_Weights.IMAGENET1K_V1")
+    if weights and (Path(weights).exists() or not WEIGHTS_NAME_PATTERN.match(weights)):
+        _validate_torch_file("model.weights", weights, "use null, an existing state-dict file, or a torchvision "
+                             "weights name such as ResNet18_Weights.IMAGENET1K_V1")
     if embedding_model is not None and embedding_model not in CLASSIFIERS:
         raise _refuse("sampler.embedding_model", embedding_model,
                       f"choose a torchvision classifier: {', '.join(CLASSIFIERS)}, or null", CLASSIFIERS)
@@ -690,11 +736,58 @@ def _validate_augment(augment: DictConfig) -> None:
         raise _refuse(f"{key}.color_jitter.hue", augment.color_jitter.hue, "use a value in [0, 0.5]")
 
 
+EXISTING_FILE = "it must be an existing file (in Docker, under a mounted folder)"
+
+
+def _validate_torch_file(key: str, value: str, missing: str = EXISTING_FILE) -> None:
+    """Weights are read only in the embed or train stage: refuse a file torch cannot load now, by
+    its first bytes. torch.save writes a zip archive holding data.pkl (a pickle before torch 1.6)."""
+    path = Path(value)
+    if not path.is_file():
+        raise _refuse(key, value, missing)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if any(name.rpartition("/")[2] == "data.pkl" for name in archive.namelist()):
+                    return
+        else:
+            with open(path, "rb") as handle:
+                first = handle.read(1)
+            if first == b"\x80":  # the opcode every pickle of protocol 2 or later starts with
+                return
+            if not first:
+                raise _refuse(key, value, "the file is empty; use a state dict saved with torch.save")
+    except (OSError, zipfile.BadZipFile) as error:
+        raise _refuse(key, value, f"it cannot be read: {getattr(error, 'strerror', None) or error}") from None
+    raise _refuse(key, value, "it is not a PyTorch file (torch.save writes a zip archive holding data.pkl); "
+                  "use a state dict saved with torch.save")
+
+
+def _validate_embeddings_file(value: str) -> None:
+    """An embeddings file is read in the embed stage, after the scan: refuse one that is not a
+    lightly CSV by its header now (the embed stage checks every row)."""
+    path = Path(value)
+    if not path.is_file():
+        raise _refuse("embeddings", value, EXISTING_FILE)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise _refuse("embeddings", value, f"it is not a readable CSV file ({type(error).__name__}: {error}); "
+                      "expected the lightly format filenames,embedding_0,...,labels") from None
+    dim = len(header or ()) - 2
+    if (dim < 1 or header[0] != "filenames" or header[-1] != "labels"
+            or header[1:-1] != [f"embedding_{i}" for i in range(dim)]):
+        shown = ",".join((header or [])[:3]) + (",..." if len(header or ()) > 3 else "")
+        raise UserError(f"embeddings={value!r} is malformed at line 1: the header must be "
+                        f"filenames,embedding_0,...,embedding_{{D-1}},labels, not {shown or 'an empty line'}")
+
+
 def _validate_bring_your_own(cfg: DictConfig) -> None:
-    for key in ("embeddings", "checkpoint"):
-        value = cfg[key]
-        if value and not Path(value).is_file():
-            raise _refuse(key, value, "it must be an existing file (in Docker, under a mounted folder)")
+    if cfg.embeddings:
+        _validate_embeddings_file(cfg.embeddings)
+    if cfg.checkpoint:
+        _validate_torch_file("checkpoint", cfg.checkpoint)
     if cfg.embeddings and cfg.sampler.method == "none":
         raise _refuse("embeddings", cfg.embeddings, "sampler=none uses no embeddings; choose coreset or random")
     if cfg.enable_training:
@@ -714,6 +807,11 @@ def _validate_bring_your_own(cfg: DictConfig) -> None:
                 raise _refuse(f"ssl.{key}", ssl[key], "use a value > 0")
     if cfg.datapool.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", str(cfg.datapool.name)):
         raise _refuse("datapool.name", cfg.datapool.name, "use letters, digits, '.', '_' and '-'")
+    if cfg.datapool.name is not None and is_url(cfg.work_dir):
+        # A pool's updates rely on a file lock and atomic renames, which a bucket does not have.
+        raise _refuse("datapool.name", cfg.datapool.name, f"the datapool lives under work_dir, and "
+                      f"work_dir={cfg.work_dir!r} is a bucket, where two runs could not update it safely: "
+                      f"use a local work_dir for runs with a datapool")
     if cfg.report.n_example_images < 0:
         raise _refuse("report.n_example_images", cfg.report.n_example_images, "use an integer >= 0")
     if not cfg.report.memory_requirement_in_GB > 0:

@@ -14,10 +14,11 @@ from app.config import WEIGHTS_NAME_PATTERN, UserError
 log = logging.getLogger("thresher")
 
 
-def load_weights(weights: Optional[str]) -> Optional[dict]:
+def load_weights(weights: Optional[str], key: str = "model.weights") -> Optional[dict]:
     """A state dict from a file or a torchvision weights name found under TORCH_HOME; None for none.
 
     Nothing is downloaded: a weights name whose file is missing fails, naming where to put it.
+    `key` is the setting the weights came from (model.weights or checkpoint), for the errors.
     """
     if not weights:
         return None
@@ -25,24 +26,24 @@ def load_weights(weights: Optional[str]) -> Optional[dict]:
         try:
             enum_value = torchvision.models.get_weight(weights)
         except (ValueError, KeyError, AttributeError):
-            raise UserError(f"model.weights={weights!r} is not a torchvision weights name "
+            raise UserError(f"{key}={weights!r} is not a torchvision weights name "
                             f"(e.g. ResNet18_Weights.IMAGENET1K_V1)") from None
         file_name = Path(enum_value.url).name
         path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
         if not path.is_file():
-            raise UserError(f"model.weights={weights!r}: {path} does not exist and thresher never "
+            raise UserError(f"{key}={weights!r}: {path} does not exist and thresher never "
                             f"downloads; fetch {enum_value.url} and put it there (TORCH_HOME sets the folder)")
     else:
         path = Path(weights)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"model.weights={str(path)!r} could not be read as a PyTorch state dict: "
+        raise UserError(f"{key}={str(path)!r} could not be read as a PyTorch state dict: "
                         f"{type(error).__name__}: {error}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a thresher checkpoint
     if not isinstance(state, dict):
-        raise UserError(f"model.weights={str(path)!r} holds a {type(state).__name__}, not a state dict")
+        raise UserError(f"{key}={str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
 
 
@@ -53,11 +54,11 @@ def _head_name(model: nn.Module) -> str:
     raise UserError(f"cannot find the classification head of {type(model).__name__}")
 
 
-def build_classifier(name: str, num_classes: int, weights: Optional[str]) -> nn.Module:
+def build_classifier(name: str, num_classes: int, weights: Optional[str], key: str = "model.weights") -> nn.Module:
     """A torchvision classifier with `num_classes` outputs; given weights load into every layer
     whose shape fits (the head is left new when the class count differs)."""
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    state = load_weights(weights)
+    state = load_weights(weights, key)
     if state is None:
         log.warning("model %s is RANDOMLY INITIALISED (model.weights=null): embeddings and training "
                     "start from scratch", name)
@@ -69,13 +70,13 @@ def build_classifier(name: str, num_classes: int, weights: Optional[str]) -> nn.
     log.info("model %s: loaded %d tensors from %s (%d left as initialised)", name, len(fitting),
              weights, skipped)
     if not fitting:
-        raise UserError(f"model.weights={weights!r} has no tensor that fits {name}: is it for another model?")
+        raise UserError(f"{key}={weights!r} has no tensor that fits {name}: is it for another model?")
     return model
 
 
-def build_backbone(name: str, weights: Optional[str]) -> Tuple[nn.Module, int]:
+def build_backbone(name: str, weights: Optional[str], key: str = "model.weights") -> Tuple[nn.Module, int]:
     """The classifier without its last linear layer: image -> embedding vector."""
-    model = build_classifier(name, num_classes=1000, weights=weights)
+    model = build_classifier(name, num_classes=1000, weights=weights, key=key)
     head_name = _head_name(model)
     head = getattr(model, head_name)
     if isinstance(head, nn.Sequential):

@@ -10,9 +10,11 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
@@ -22,13 +24,25 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from app import atomic
-from app.config import STAGES, UserError, validate
+from app.config import STAGES, UserError, trains, validate
+from app.fingerprints import describe_change, stage_fingerprint
 from app.secrets import REDACTED, install_redaction, read_secret, redact, register_secret
 
 log = logging.getLogger("thresher")
 
 SUMMARY = "summary.json"
 LOCK = ".lock"
+# Written when thresher creates (or adopts an empty) run directory: the proof that it is thresher's.
+MARKER = ".thresher-run"
+# Hydra opens <run dir>/thresher.log before thresher's code runs.
+HYDRA_LOG = "thresher.log"
+# Top-level names thresher writes in a run directory; overwrite=true removes these and nothing else.
+RUN_OUTPUTS = (".hydra", "data", "filenames", "checkpoints", "plots", "profile", "sampled", "tensorboard",
+               "wandb", "metrics.json", "metrics.csv", "report.html", "report.json", "container.log")
+# What atomic.atomic_path leaves behind when its process is killed mid-write.
+STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+# Seconds from the first SIGTERM/SIGINT to a forced exit, whatever the run is doing.
+EXIT_DEADLINE_S = 10.0
 # stage -> (module, function); imported only when the stage runs, since they pull in torch.
 STAGE_FUNCTIONS = {
     "scan": ("app.data.scan", "scan_stage"),
@@ -44,6 +58,11 @@ STAGE_INPUTS = {
     "profile": [("data/input_files.csv", "scan"), ("data/dataset.json", "scan")],
     "train": [("data/input_files.csv", "scan"), ("data/dataset.json", "scan")],
 }
+# A stage that runs again from the start first removes what a resume would pick up.
+STAGE_RESUME_STATE = {
+    "train": ("checkpoints/last.pt", "checkpoints/best.pt", "checkpoints/epoch_*.pt", "metrics.csv",
+              "metrics.json", "tensorboard"),
+}
 
 
 class Interrupted(BaseException):
@@ -55,6 +74,7 @@ class Interrupted(BaseException):
 
 
 def _raise_interrupted(signum, _frame) -> None:
+    arm_exit_deadline(signum)
     raise Interrupted(signum)
 
 
@@ -62,6 +82,26 @@ def install_signal_handlers() -> None:
     """PID 1 in a container ignores SIGTERM unless it handles it: `docker stop` needs this."""
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
+
+
+_exit_deadline: Optional[threading.Timer] = None
+
+
+def arm_exit_deadline(signum: int, seconds: float = EXIT_DEADLINE_S) -> None:
+    """One signal ends the process within `seconds`, even when a thread is stuck in a read that
+    never returns (a FIFO, a hung network mount) and would keep the interpreter from exiting."""
+    global _exit_deadline
+    if _exit_deadline is not None:
+        return
+
+    def force_exit() -> None:
+        log.error("still running %.0fs after %s: exiting now", seconds, signal.Signals(signum).name)
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    _exit_deadline = threading.Timer(seconds, force_exit)
+    _exit_deadline.daemon = True
+    _exit_deadline.start()
 
 
 def utc_now() -> str:
@@ -99,15 +139,73 @@ def refuse_finished_run(summary: Summary, overwrite: bool, resume: bool) -> None
                         f"another run_directory")
 
 
+def check_run_directory(run_dir: Path, work_dir: Optional[str], run_directory: Optional[str] = None) -> None:
+    """Refuse a run directory that is not thresher's to write: a folder with files thresher did not
+    create (no marker), work_dir itself, a folder inside another run or the datapool, a path that
+    climbs out of work_dir with '..'. Nothing is created or written here."""
+    shown = f"run_directory={run_directory!r}" if run_directory else f"the run directory {str(run_dir)!r}"
+    if run_directory and ".." in Path(str(run_directory)).parts:
+        raise UserError(f"{shown}: '..' is not allowed; a relative run_directory lies inside work_dir, "
+                        f"an absolute one where it says")
+    path = Path(os.path.abspath(run_dir))
+    resolved = path.resolve()
+    if work_dir is not None:
+        work = Path(os.path.abspath(local_work_dir(work_dir))).resolve()
+        if resolved == work:
+            raise UserError(f"{shown} is work_dir itself ({work}), which holds other runs: name a folder "
+                            f"inside it, e.g. run_directory=my_run")
+        pools = work / "datapool"
+        if resolved == pools or pools in resolved.parents:
+            raise UserError(f"{shown} lies inside the datapool folder {pools}: choose another run_directory")
+    for parent in resolved.parents:
+        if (parent / MARKER).is_file():
+            raise UserError(f"{shown} lies inside the run directory {parent}: choose a folder outside it")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{shown} is a file, not a folder: choose another run_directory")
+    if path.is_dir() and not (path / MARKER).is_file():
+        try:
+            foreign = sorted(entry.name for entry in path.iterdir() if entry.name != HYDRA_LOG)
+        except OSError as error:
+            raise UserError(f"{shown} cannot be read ({error.strerror}): choose another run_directory") from None
+        if foreign:
+            raise UserError(f"{shown} holds files thresher did not create ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}) and has no {MARKER} marker: thresher writes "
+                            f"only into new or empty folders and its own runs; choose another run_directory")
+
+
+def local_work_dir(work_dir: str) -> str:
+    """work_dir, or for a bucket work_dir the local folder its run directories are staged in."""
+    from app.config import is_url
+
+    if is_url(work_dir):
+        from app.data.sources import staging_dir
+
+        return str(staging_dir(str(work_dir)))
+    return str(work_dir)
+
+
+def read_run_id(run_dir: Path) -> Optional[str]:
+    """The id in a run directory's marker, or None when the folder is not a thresher run."""
+    try:
+        return json.loads((Path(run_dir) / MARKER).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class RunDirectory:
-    """Owns a run directory for the life of the run: refuses a busy or finished one."""
+    """Owns a run directory for the life of the run: refuses a folder that is not thresher's, a
+    busy one or a finished one; marks a new one as thresher's."""
 
     def __init__(self, path: Path, node_suffix: str = ""):
         # Other nodes of a multi-node run share the folder but keep their own lock and summary.
         self.path, self.lock_name, self.summary_name = path, LOCK + node_suffix, f"summary{node_suffix}.json"
+        self.node_suffix = node_suffix
+        self.run_id: Optional[str] = None
         self._lock_file = None
 
-    def acquire(self, overwrite: bool, resume: bool) -> Summary:
+    def acquire(self, overwrite: bool, resume: bool, work_dir: Optional[str] = None,
+                run_directory: Optional[str] = None) -> Summary:
+        check_run_directory(self.path, work_dir, run_directory)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.path / self.lock_name, "a+")
         try:
@@ -121,6 +219,8 @@ class RunDirectory:
         self._lock_file.truncate()
         self._lock_file.write(f"pid {os.getpid()}\n")
         self._lock_file.flush()
+        self.run_id = self._mark()
+        self._remove_stale_temporaries()
 
         summary = Summary.load(self.path / self.summary_name)
         refuse_finished_run(summary, overwrite, resume)
@@ -131,12 +231,62 @@ class RunDirectory:
             log.info("run directory holds an unfinished run (status %s): resuming it", summary.status)
         return summary
 
+    def _mark(self) -> str:
+        """The run id from the marker, writing the marker first in a new folder. Linking a complete
+        temporary file into place means that concurrent nodes agree on one marker."""
+        marker = self.path / MARKER
+        if not marker.is_file():
+            import tempfile
+            from uuid import uuid4
+
+            from app.config import run_stamp
+
+            record = {"created_by": "thresher", "run_id": f"{run_stamp()}-{uuid4().hex[:8]}",
+                      "created_at": utc_now(), "host": os.uname().nodename}
+            fd, tmp = tempfile.mkstemp(prefix=f"{MARKER}.", suffix=".tmp", dir=self.path)
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(json.dumps(record, indent=2) + "\n")
+                os.chmod(tmp, 0o644)
+                os.link(tmp, marker)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        run_id = read_run_id(self.path)
+        if run_id is None:
+            raise UserError(f"{marker} is damaged: it is not the marker thresher writes; choose another "
+                            f"run_directory")
+        return run_id
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written files of an earlier, killed run in this folder (its lock is ours now). Other
+        nodes' files (`.node<N>` in the name) may be in flight and are left to them."""
+        removed = 0
+        for folder, dirs, files in os.walk(self.path):
+            for name in files:
+                if STALE_TEMPORARY.match(name) and ".node" not in name:
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                        removed += 1
+                    except OSError:
+                        pass
+        if removed:
+            log.info("removed %d temporary file(s) an interrupted run left in %s", removed, self.path)
+
     def _clear(self) -> None:
-        """Remove a previous run's artifacts; the lock and the open log file stay."""
-        for child in self.path.iterdir():
-            if child.name.startswith(LOCK) or child.suffix == ".log":
-                continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        """overwrite=true: remove what thresher writes here, nothing else; the marker, the locks and
+        the open log file stay."""
+        left_alone = []
+        for child in sorted(self.path.iterdir()):
+            if child.name in RUN_OUTPUTS or child.name == self.summary_name:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            elif not (child.name.startswith(LOCK) or child.name in (MARKER, HYDRA_LOG)
+                      or re.fullmatch(r"summary\.node\d+\.json", child.name)):
+                left_alone.append(child.name)
+        if left_alone:
+            log.warning("overwrite=true: left alone %d entries thresher did not write in %s: %s", len(left_alone),
+                        self.path, ", ".join(left_alone[:5]))
 
     def release(self) -> None:
         if self._lock_file is not None:
@@ -173,16 +323,30 @@ def stages_to_run(cfg: DictConfig, run_dir: Path) -> List[str]:
     return stages
 
 
-def check_stage_inputs(cfg: DictConfig, run_dir: Path, stages: List[str]) -> None:
-    """A stage whose input artifact is neither there nor made by an earlier stage: say so now."""
+def check_stage_inputs(cfg: DictConfig, run_dir: Path, stages: List[str], summary: Summary) -> None:
+    """A stage whose input artifact is neither there nor made by an earlier stage, or was made by a
+    stage with other settings than this run's: say so now, before any stage runs."""
     for stage in stages:
         for artifact, producer in STAGE_INPUTS.get(stage, []):
             if stage == "select" and cfg.sampler.method == "none":
                 continue
-            if producer not in stages and not (run_dir / artifact).is_file():
+            if producer in stages:
+                continue
+            if not (run_dir / artifact).is_file():
                 raise UserError(f"stages={list(cfg.stages)} needs {artifact} from the {producer} stage, "
                                 f"which is not in {run_dir}: add {producer} to stages, or set "
                                 f"run_directory to a run that has it (with resume=true)")
+            recorded = summary.data.get("stages", {}).get(producer, {})
+            if "fingerprint" in recorded:
+                current = stage_fingerprint(producer, cfg, recorded_fingerprints(summary))
+                if current.digest != recorded["fingerprint"]:
+                    raise UserError(f"stages={list(cfg.stages)} would use {artifact}, which the {producer} stage "
+                                    f"made with other settings ({describe_change(recorded.get('depends_on', {}), current.values)}): "
+                                    f"add {producer} to stages to make it again, or go back to its settings")
+
+
+def recorded_fingerprints(summary: Summary) -> Dict[str, Optional[str]]:
+    return {stage: record.get("fingerprint") for stage, record in summary.data.get("stages", {}).items()}
 
 
 def _as_dict(result: Any) -> Dict[str, Any]:
@@ -202,27 +366,29 @@ def node_suffix(cfg: DictConfig) -> str:
 def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
     """Run the configured stages in `run_dir`; returns the process exit code."""
     install_redaction()  # Hydra configured its log handlers after the CLI installed it
+    degrade_log_files_quietly()
     started = time.perf_counter()
     run = RunDirectory(run_dir, node_suffix(cfg))
     summary: Optional[Summary] = None
     try:
         take_secrets(cfg)
         validate(cfg)
+        if trains(cfg) and not cfg.sanity_check:  # values torch refuses, before anything is written
+            from app.train.loop import check_train_config
+
+            check_train_config(cfg)
         fetch_from_bucket(cfg, run_dir)
-        summary = run.acquire(cfg.overwrite, cfg.resume)
+        summary = run.acquire(cfg.overwrite, cfg.resume, cfg.work_dir, cfg.run_directory)
         # resume=true, or a rerun in the directory of an interrupted or failed run
         resuming = bool(summary.data) and not cfg.overwrite
         save_configs(cfg, run_dir, hydra_cfg)
         stages = stages_to_run(cfg, run_dir)
-        check_stage_inputs(cfg, run_dir, stages)
-        training = "train" in stages or ("profile" in stages and cfg.profile.mode == "train")
-        if training and not cfg.sanity_check:
-            from app.train.loop import check_train_config
-
-            check_train_config(cfg)
+        check_stage_inputs(cfg, run_dir, stages, summary)
         install_signal_handlers()
+        for stale in ("error", "finished_at", "duration_s"):  # an earlier attempt's, not this one's
+            summary.data.pop(stale, None)
         summary.data.update(status="running", started_at=utc_now(), run_directory=str(run_dir),
-                            stages_requested=list(cfg.stages))
+                            run_id=run.run_id, stages_requested=list(cfg.stages))
         if stages != list(cfg.stages):
             summary.data["stages_run"] = stages
         summary.data.setdefault("stages", {})
@@ -246,12 +412,22 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
         return 0
     except UserError as error:
         _record_failure(summary, "failed", str(error))
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            import traceback
+
+            sys.stderr.write(redact(traceback.format_exc()))
         print(f"thresher: error: {redact(str(error))}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         _record_failure(summary, "interrupted", f"stopped by {stop}")
         log.warning("stopped by %s; resume with run_directory=%s", stop, run_dir)
         return 128 + stop.signum
+    except OSError as error:  # a full disk, a vanished mount, a permission taken away mid-run
+        reason = describe_os_error(error)
+        log.error("run failed: %s", reason)
+        _record_failure(summary, "failed", reason)
+        print(f"thresher: error: {redact(reason)}", file=sys.stderr)
+        return 1
     except Exception as error:
         log.exception("run failed")
         _record_failure(summary, "failed", f"{type(error).__name__}: {error}")
@@ -266,6 +442,43 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
         except Exception as error:
             log.warning("could not copy %s to work_dir=%s: %s", run_dir, cfg.work_dir, redact(str(error)))
         run.release()
+
+
+def describe_os_error(error: OSError) -> str:
+    """'No space left on device (ENOSPC): /runs/x/checkpoints/last.pt', one line."""
+    import errno as errno_names
+
+    cause = error.strerror or str(error) or type(error).__name__
+    code = f" ({errno_names.errorcode[error.errno]})" if error.errno in errno_names.errorcode else ""
+    where = error.filename if error.filename is not None else "(no path given)"
+    return f"{cause}{code}: {where}"
+
+
+class _QuietFileHandlerErrors:
+    """A log file that cannot be written (a full disk) is given up with one line on stderr, instead
+    of logging's traceback for every record."""
+
+    def __init__(self, handler: logging.Handler):
+        self.handler = handler
+
+    def __call__(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        for logger in (logging.getLogger(), log):
+            logger.removeHandler(self.handler)
+        try:
+            self.handler.close()
+        except Exception:
+            pass
+        reason = describe_os_error(error) if isinstance(error, OSError) else type(error).__name__
+        print(f"thresher: warning: stopped writing the log file: {redact(reason)}", file=sys.stderr)
+
+
+def degrade_log_files_quietly() -> None:
+    for logger in (logging.getLogger(), log):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler) and not isinstance(handler.handleError,
+                                                                          _QuietFileHandlerErrors):
+                handler.handleError = _QuietFileHandlerErrors(handler)
 
 
 def sync_to_bucket(cfg: DictConfig, run_dir: Path) -> None:
@@ -295,6 +508,9 @@ def fetch_from_bucket(cfg: DictConfig, run_dir: Path) -> None:
 
 def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, resuming: bool,
                stages: List[str]) -> None:
+    """Each stage in order; one finished earlier is reused only when its fingerprint (the settings
+    and files it read, and the stages before it) is unchanged. A stage that runs again makes the
+    later ones' artifacts stale, so they run again too."""
     rerun_from_here = False
     for stage in STAGES:
         if stage not in stages:
@@ -303,29 +519,48 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, re
             log.info("stage embed: skipped, sampler=none needs no embeddings")
             summary.data["stages"][stage] = {"status": "skipped"}
             continue
-        if resuming and not rerun_from_here and summary.stage_finished(stage):
+        recorded = summary.data["stages"].get(stage, {})
+        fingerprint = stage_fingerprint(stage, cfg, recorded_fingerprints(summary))
+        unchanged = recorded.get("fingerprint") == fingerprint.digest
+        if recorded.get("status") not in (None, "skipped") and not unchanged:
+            why = (describe_change(recorded.get("depends_on", {}), fingerprint.values) if "fingerprint" in recorded
+                   else "it recorded no fingerprint")
+            log.info("stage %s: ran before with other inputs (%s): running it%s again", stage, why,
+                     " and the later stages" if stage != stages[-1] else "")
+            discard_resume_state(stage, run_dir)
+        if resuming and not rerun_from_here and unchanged and summary.stage_finished(stage):
             if not more_epochs_wanted(stage, cfg, summary):
-                log.info("stage %s: finished in an earlier run, skipped", stage)
+                log.info("stage %s: finished in an earlier run, skipped (its inputs are unchanged)", stage)
                 continue
             log.info("stage train: %d epochs finished in an earlier run; continuing to trainer.epochs=%d",
                      summary.data["stages"]["train"]["epochs"], cfg.trainer.epochs)
-        rerun_from_here = True  # a stage that runs again makes the later ones' artifacts stale
+        rerun_from_here = True
         module_name, function_name = STAGE_FUNCTIONS[stage]
         stage_function = getattr(importlib.import_module(module_name), function_name)
         log.info("stage %s: started", stage)
-        summary.data["stages"][stage] = {"status": "running", "started_at": utc_now()}
+        # recorded at the start, so that an interrupted stage resumes only under the same inputs
+        summary.data["stages"][stage] = {"status": "running", "started_at": utc_now(),
+                                         "fingerprint": fingerprint.digest, "depends_on": fingerprint.values}
         summary.save()
         seed_everything(cfg.seed)  # each stage alike whether it runs fresh or after a resume
         began = time.perf_counter()
         result = stage_function(cfg, run_dir, device)
         duration = round(time.perf_counter() - began, 3)
         details = _as_dict(result)
-        summary.data["stages"][stage] = {"status": "finished", "duration_s": duration, **details}
+        summary.data["stages"][stage] = {"status": "finished", "duration_s": duration, **details,
+                                         "fingerprint": fingerprint.digest, "depends_on": fingerprint.values}
         summary.data.setdefault("counts", {}).update(
             {key: value for key, value in details.items() if key.startswith("n_")})
         summary.save()
         sync_to_bucket(cfg, run_dir)
         log.info("stage %s: finished in %.1fs %s", stage, duration, _as_dict(result))
+
+
+def discard_resume_state(stage: str, run_dir: Path) -> None:
+    """What a stage would resume from (train's last.pt) is stale once its inputs changed."""
+    for pattern in STAGE_RESUME_STATE.get(stage, ()):
+        for path in run_dir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def more_epochs_wanted(stage: str, cfg: DictConfig, summary: Summary) -> bool:

@@ -71,3 +71,19 @@ def only_run_dir(work_dir: Path) -> Path:
     runs = [p for p in work_dir.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def run_in_process(overrides: List[str], monkeypatch, tmp_path: Path, cache_dir: Path) -> tuple:
+    """Compose and execute a run in this process (no interpreter start, no Hydra job): for tests
+    of the runner's decisions. Returns (exit code, run directory)."""
+    from app import cli
+    from app.config import register_configs, register_resolvers, run_directory_path
+    from app.run import execute
+
+    monkeypatch.setenv("THRESHER_WORK_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("THRESHER_CACHE_DIR", str(cache_dir))
+    register_configs()
+    register_resolvers()
+    cfg = cli.compose(list(overrides))
+    run_dir = Path(run_directory_path(cfg.work_dir, cfg.note, cfg.run_directory))
+    return execute(cfg, run_dir), run_dir

@@ -104,6 +104,12 @@ REFUSALS = [
     (["stages=[]"], ["stages=[]", "at least one"]),
     (["trainer.epochs=[1"], ["could not parse the override"]),
     (["overwrite=true", "resume=true"], ["not both"]),
+    (["trainer.key_metric=val_top5"], ["trainer.key_metric='val_top5'", "val_top1, train_loss",
+                                       "did you mean val_top1?"]),
+    (["checkpoint=/etc/passwd"], ["checkpoint='/etc/passwd'", "not a PyTorch file"]),
+    (["trainer.optimizer.type=LBFGS"], ["trainer.optimizer.type='LBFGS'", "closure"]),
+    (["trainer.scheduler.params=[1,2]"], ["trainer.scheduler.params=[1,2]", "expected a mapping"]),
+    (["trainer.optimizer.params.betas=oops"], ["add it with +trainer.optimizer.params.betas=oops"]),
 ]
 
 
@@ -120,19 +126,23 @@ def test_bad_override_exits_2_with_one_clear_line(overrides, expected, env, tmp_
     assert not (tmp_path / "runs").exists(), "a refused run must not create its run directory"
 
 
-def test_hydra_full_error_shows_the_traceback(env, tmp_path):
-    result = thresher(["sampler.stopping_condition.n_sample=3"], {**env, "HYDRA_FULL_ERROR": "1"}, tmp_path)
-    assert result.returncode != 0
+@pytest.mark.parametrize("override", ["sampler.stopping_condition.n_sample=3", "trainer.epochs=abc",
+                                      "trainer.epochs=0"])
+def test_hydra_full_error_shows_the_traceback_and_still_exits_2(override, env, tmp_path):
+    result = thresher([override], {**env, "HYDRA_FULL_ERROR": "1"}, tmp_path)
+    assert result.returncode == 2, result.stderr
     assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("thresher: error: ")
 
 
 def test_checking_a_config_imports_no_torch(tmp_path):
     code = (
         "import sys\n"
         "from app import cli\n"
-        "for args in (['trainer.batch_size=0'], ['sampler=random']):\n"
+        "for args in (['trainer.batch_size=0'], ['sampler=random'], ['trainer.key_metric=val_top5'],\n"
+        "             ['checkpoint=/etc/passwd'], ['--cfg', 'hydra', '--resolve']):\n"
         "    try:\n"
-        "        cli.main(args + ['--cfg', 'job'])\n"
+        "        cli.main(args if '--cfg' in args else args + ['--cfg', 'job'])\n"
         "    except SystemExit:\n"
         "        pass\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -149,6 +159,16 @@ def test_cfg_job_prints_the_composed_config(env, tmp_path):
     printed = OmegaConf.create(result.stdout)
     assert printed.sampler.method == "random"
     assert printed.model.name == "resnet18"
+
+
+def test_cfg_hydra_resolve_prints_the_run_directory_made_of_work_dir_and_note(env, tmp_path):
+    result = thresher(["--cfg", "hydra", "--resolve", f"work_dir={tmp_path}/w", "note=first try"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.hydra.run.dir.startswith(f"{tmp_path}/w/") and printed.hydra.run.dir.endswith("_first_try")
+    assert printed.hydra.sweep.dir.startswith(f"{tmp_path}/w/multirun/")
+    assert "help" not in printed.hydra and "${" not in result.stdout
+    assert not (tmp_path / "w").exists()
 
 
 def test_run_directory_is_utc_stamp_and_note(env, tmp_path):

@@ -119,6 +119,7 @@ def test_resume_skips_finished_stages_and_overwrite_starts_again(env, tmp_path):
 def test_a_second_run_in_a_busy_run_directory_refuses(env, tmp_path):
     run_dir = tmp_path / "runs" / "busy"
     run_dir.mkdir(parents=True)
+    (run_dir / ".thresher-run").write_text('{"created_by": "thresher", "run_id": "busy-run"}\n')
     with open(run_dir / ".lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         result = thresher([*SMALL, "run_directory=busy"], env, tmp_path)

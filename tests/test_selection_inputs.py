@@ -165,7 +165,7 @@ def test_datapool_selects_only_new_images_far_from_the_pool(env, tmp_path):
     assert len(lines(tmp_path / "runs/two/data/embeddings.csv")) == 1 + 12 - 4, "pool members are not embedded again"
     pool = tmp_path / "runs/datapool/pool"
     assert len(lines(pool / "embeddings.csv")) == 1 + 8
-    assert len(list((pool / "history").glob("*.csv"))) == 1
+    assert len(list((pool / "history").glob("*/embeddings.csv"))) == 1
 
 
 def test_enable_training_trains_the_backbone_with_simclr_before_embedding(env, tmp_path):

@@ -26,18 +26,25 @@ def shapes_dir(cache_dir: Path, n_images: int, image_size: int, n_corrupt: int) 
 
 
 def ensure_shapes(cache_dir: Path, n_images: int, image_size: int, n_corrupt: int = 0) -> Path:
-    """The dataset folder, generated first if it is not in the cache yet."""
+    """The dataset folder, generated first if it is not in the cache yet. One process generates a
+    given dataset at a time (a lock beside it); the one holding the lock also removes the staging
+    folders of earlier processes that were killed while generating it."""
+    import fcntl
+
     target = shapes_dir(cache_dir, n_images, image_size, n_corrupt)
     if (target / "annotations.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    generate_shapes(staging, n_images, image_size, n_corrupt)
-    try:
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if (target / "annotations.json").is_file():  # another process made it while we waited
+            return target
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)  # a folder without annotations.json is a half copy
+        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        generate_shapes(staging, n_images, image_size, n_corrupt)
         os.replace(staging, target)
-    except OSError:  # another process finished first: theirs is identical
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -46,14 +46,14 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
 
     files, labels = read_input_files(run_dir / INPUT_FILES)
     if cfg.datapool.name:
-        files, labels = leave_out_datapool_members(cfg, files, labels)
+        files, labels = not_yet_in_datapool(cfg, run_dir, files, labels)
     if cfg.embeddings:
         return use_given_embeddings(Path(cfg.embeddings), files, labels, run_dir)
     input_dir = Path(json.loads((run_dir / DATASET).read_text())["input_dir"])
     model_name = embedding_model_name(cfg)
     # The training model's weights fit the backbone only when it is that same classifier.
     weights = cfg.checkpoint or (cfg.model.weights if model_name == cfg.model.name else None)
-    model, dim = build_backbone(model_name, weights)
+    model, dim = build_backbone(model_name, weights, "checkpoint" if cfg.checkpoint else "model.weights")
     ssl_details = {}
     if cfg.enable_training:
         from app.sampling.ssl import train_backbone_simclr
@@ -96,11 +96,13 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
                        compute_efficiency=round(efficiency if files else 0.0, 3), **ssl_details)
 
 
-def leave_out_datapool_members(cfg: DictConfig, files: List[str], labels: List[int]):
-    """Images already in the datapool are neither embedded again nor candidates again."""
-    from app.sampling.datapool import datapool_folder, load_datapool
+def not_yet_in_datapool(cfg: DictConfig, run_dir: Path, files: List[str], labels: List[int]):
+    """Images other runs put into the datapool are neither embedded again nor candidates again;
+    this run's own earlier members are candidates again, since its new selection replaces them."""
+    from app.sampling.datapool import datapool_folder, load_datapool, run_id_for
 
-    members = load_datapool(datapool_folder(cfg.work_dir, cfg.datapool.name)).members
+    pool = load_datapool(datapool_folder(cfg.work_dir, cfg.datapool.name))
+    members = pool.without_run(run_id_for(run_dir)).members
     kept = [(f, label) for f, label in zip(files, labels) if f not in members]
     if len(kept) < len(files):
         log.info("datapool %s: %d images already in the pool are left out", cfg.datapool.name,
@@ -147,7 +149,8 @@ def read_embeddings_csv(path: Path, strict: bool = False) -> Tuple[List[str], np
     def refuse(line: int, reason: str) -> UserError:
         return UserError(f"embeddings={str(path)!r} is malformed at line {line}: {reason}")
 
-    with open(path, newline="", encoding="utf-8") as handle:
+    # A name that is not UTF-8 reads (surrogate-escaped) as no file the scan uses, instead of failing.
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:

@@ -3,12 +3,13 @@
 Writes `filenames/sampled_filenames.txt` and `filenames/removed_filenames.txt` (input order),
 `data/selection.csv` (pick order, with each pick's distance to the earlier picks for coreset),
 `data/selected_embeddings.csv`; with `dump_dataset`, the selected images under `sampled/`; with a
-`datapool.name`, the pool grows by the selection.
+`datapool.name`, the selection becomes this run's part of the pool (app.sampling.datapool).
 """
 from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from app import atomic
-from app.config import n_samples_kind, output_image_size
+from app.config import UserError, n_samples_kind, output_image_size
 from app.data.scan import DATASET, INPUT_FILES, read_input_files
 
 log = logging.getLogger("thresher")
@@ -57,10 +58,12 @@ def target_count(n_samples, n_candidates: int) -> int:
 
 def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     method = cfg.sampler.method
+    n_datapool = None
     if method == "none":
         files, labels = read_input_files(run_dir / INPUT_FILES)
         all_files, embeddings, near_duplicates, pool = files, None, None, None
         picks, distances, stopped_by = list(range(len(files))), None, "none"
+        order = picks
     else:
         from app.sampling.embed import EMBEDDINGS, read_embeddings_csv
 
@@ -70,17 +73,18 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
         if cfg.sampler.near_duplicate_distance > 0:
             files, embeddings, labels, near_duplicates = drop_near_duplicates(cfg, files, embeddings, labels,
                                                                               run_dir, device)
-        pool = None
-        if cfg.datapool.name:
-            from app.sampling.datapool import check_dimension, datapool_folder, load_datapool
+        # One lock from reading the pool to writing it: a concurrent run selects relative to this update.
+        with locked_datapool_for(cfg, run_dir) as pool:
+            if pool is not None:
+                files, embeddings, labels = leave_out_datapool_members(pool, files, embeddings, labels)
+            picks, distances, stopped_by = choose(cfg, files, embeddings, pool, device)
+            order = sorted(set(picks))
+            if pool is not None:
+                from app.sampling.datapool import commit_run_selection, run_id_for
 
-            pool = load_datapool(datapool_folder(cfg.work_dir, cfg.datapool.name))
-            check_dimension(pool, embeddings.shape[1])
-            # members are left out by the embed stage; this also holds for a select stage run again
-            fresh = [i for i, name in enumerate(files) if name not in pool.members]
-            files, embeddings, labels = [files[i] for i in fresh], embeddings[fresh], [labels[i] for i in fresh]
-        picks, distances, stopped_by = choose(cfg, files, embeddings, pool, device)
-    order = sorted(set(picks))
+                n_datapool = commit_run_selection(pool, run_id_for(run_dir), [files[i] for i in order],
+                                                  embeddings[order], [labels[i] for i in order],
+                                                  cfg.datapool.keep_history)
     sampled = [files[i] for i in order]
 
     atomic.write_lines(run_dir / SAMPLED, sampled)
@@ -88,7 +92,7 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     atomic.write_lines(run_dir / REMOVED, (f for f in all_files if f not in sampled_set))
     write_selection_csv(run_dir / SELECTION, [files[i] for i in picks], distances)
     result = SelectResult(method=method, n_candidates=len(all_files), n_selected=len(picks),
-                          stopped_by=stopped_by)
+                          stopped_by=stopped_by, n_datapool=n_datapool)
     if near_duplicates is not None:
         result.n_near_duplicates = near_duplicates
         result.artifacts.append(NEAR_DUPLICATES)
@@ -98,13 +102,6 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
         write_embeddings_csv(run_dir / SELECTED_EMBEDDINGS, sampled, embeddings[order],
                              [labels[i] for i in order])
         result.artifacts.append(SELECTED_EMBEDDINGS)
-    if embeddings is not None and cfg.datapool.name:
-        from app.sampling.datapool import add_to_datapool, datapool_folder, load_datapool, locked
-
-        folder = datapool_folder(cfg.work_dir, cfg.datapool.name)
-        with locked(folder):
-            result.n_datapool = add_to_datapool(load_datapool(folder), sampled, embeddings[order],
-                                                [labels[i] for i in order], cfg.datapool.keep_history)
     if cfg.dump_dataset:
         from app.sampling.dump import SAMPLED_IMAGES, dump_images
 
@@ -122,6 +119,32 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     log.info("select: %s kept %d of %d images (stopped by %s); report: %s", method, len(picks), len(all_files),
              stopped_by, run_dir / "report.html")
     return result
+
+
+def locked_datapool_for(cfg: DictConfig, run_dir: Path):
+    """The datapool without this run's earlier members, locked for this run's update; None
+    (and no lock) without a datapool.name."""
+    if not cfg.datapool.name:
+        return nullcontext(None)
+    from app.sampling.datapool import datapool_folder, locked_datapool, run_id_for
+
+    return locked_datapool(datapool_folder(cfg.work_dir, cfg.datapool.name), run_id_for(run_dir))
+
+
+def leave_out_datapool_members(pool, files: List[str], embeddings: np.ndarray, labels: List[int]):
+    """The embed stage left out the members of its time; a run that updated the pool since then
+    made some of the candidates members too."""
+    from app.sampling.datapool import check_dimension
+
+    check_dimension(pool, embeddings.shape[1])
+    fresh = [i for i, name in enumerate(files) if name not in pool.members]
+    if len(fresh) < len(files):
+        log.info("datapool %s: %d candidates are members already (another run added them after this run's "
+                 "embed stage): left out", pool.folder.name, len(files) - len(fresh))
+    if not fresh:
+        raise UserError(f"every candidate of this run is already in datapool {pool.folder.name!r} (added by "
+                        f"another run meanwhile): nothing new to select")
+    return [files[i] for i in fresh], embeddings[fresh], [labels[i] for i in fresh]
 
 
 def drop_near_duplicates(cfg: DictConfig, files: List[str], embeddings: np.ndarray, labels: List[int],

@@ -7,6 +7,7 @@ a clear message instead of being loaded halfway.
 """
 from __future__ import annotations
 
+import os
 import random
 import threading
 from pathlib import Path
@@ -60,8 +61,39 @@ def _as_tuple(value):
 
 
 def save(path: Path, state: Dict[str, Any]) -> None:
+    """Atomically. torch.save writes through our file object, so a full disk is an OSError naming
+    the checkpoint, not a RuntimeError from torch's zip writer."""
     with atomic.atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            torch.save(state, _WholeWrites(fd))
+        except (OSError, RuntimeError) as error:
+            # torch's writer may hide our OSError behind its own RuntimeError when it closes
+            cause = error
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from error
+        finally:
+            os.close(fd)
+
+
+class _WholeWrites:
+    """A file whose write() writes every byte or raises: torch's zip writer takes a short write on
+    a nearly full disk for corruption ("unexpected pos") instead of the OSError it is."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self.fd, view):]
+        return len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
 
 
 def _on_cpu(value):

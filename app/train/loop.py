@@ -74,8 +74,16 @@ class Position:
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """Checks that need torch, run before the first stage so a typo does not wait for the selection."""
-    check_optim_config(cfg.trainer)
+    """Checks that need torch, run before the first stage so a bad value does not wait for the
+    selection. Capturable and fused optimizers keep their state on the device, so with those the
+    optimizer is rehearsed where training will run; otherwise on the CPU, taking no device memory."""
+    params = cfg.trainer.optimizer.params
+    device = "cpu"
+    if params.get("capturable") or params.get("fused"):
+        from app.device import resolve_device
+
+        device = resolve_device(cfg.hardware.device)
+    check_optim_config(cfg.trainer, device)
 
 
 def train_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> TrainResult:

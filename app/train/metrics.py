@@ -20,14 +20,15 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from app.config import TASK_METRICS
+
 DEFAULT_KEYPOINT_SIGMA = 0.1
 COCO_PERSON_KEYPOINTS = 17
-KEY_METRICS = {"classification": "val_top1", "detection": "val_map", "keypoints": "val_keypoints_map"}
 
 
 def key_metric(task: str) -> str:
     """The metric that picks best.pt when trainer.key_metric is null."""
-    return KEY_METRICS[task]
+    return TASK_METRICS[task][0]
 
 
 def make_evaluator(task: str, annotations) -> "Evaluator":

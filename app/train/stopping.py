@@ -3,7 +3,8 @@
 Raising from the signal handler (as the other stages do) could leave the optimizer halfway
 through an update, and a checkpoint of that state would not resume exactly. So while training,
 a signal only sets a flag that the loop checks after each step; the loop then saves and stops.
-A second signal, or a step that does not end within `grace_s`, stops at once.
+A second signal, or a step that does not end within `grace_s`, stops at once; the process
+ends within run.EXIT_DEADLINE_S of the first signal whatever it is doing.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from app.run import Interrupted
+from app.run import Interrupted, arm_exit_deadline
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -36,6 +37,7 @@ def stop_at_step_boundary(grace_s: float = 8.0) -> Iterator[StopRequest]:
         if request.signum is not None:
             raise Interrupted(signum)
         request.signum = signum
+        arm_exit_deadline(signum)  # whatever the save after the step does, the process ends in time
         signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, grace_s)
 
