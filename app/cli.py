@@ -10,15 +10,16 @@ import argparse
 import os
 import re
 import sys
-import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from app.config import (UserError, did_you_mean, register_configs, register_resolvers, run_directory_path,
-                         trains, validate)
+from app.config import register_configs, register_resolvers, run_directory_path, trains, validate
+from app.config_checks import did_you_mean
+from app.errors import UserError, print_error, print_user_error
 from app.secrets import install_redaction, redact, register_environment_secrets, take_secret_overrides
 
 
@@ -33,14 +34,18 @@ def find_conf_dir() -> Path:
 
 CONF_DIR = find_conf_dir()
 GROUPS = ("model", "data", "sampler", "hardware", "logger", "experiment")
+# Whether preflight checked the config of the single run that Hydra starts next in this process,
+# so that the run does not check it again; each job of a sweep is checked by the run itself.
+_checked_by_preflight = False
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"thresher: error: {redact(message)}", file=sys.stderr)
+    print_error(message)
     sys.exit(code)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    global _checked_by_preflight
     args = take_secret_overrides(sys.argv[1:] if argv is None else argv)
     register_environment_secrets()
     install_redaction()
@@ -49,9 +54,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         parsed = preflight(args)
     except UserError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the traceback, as asked; still a user error
-            sys.stderr.write(redact(traceback.format_exc()))
-        fail(str(error))
+        print_user_error(error)  # with its traceback under HYDRA_FULL_ERROR=1; still a user error
+        sys.exit(2)
+    _checked_by_preflight = parsed is not None and not parsed.cfg
     if parsed is not None and parsed.cfg == "hydra" and parsed.resolve:
         show_resolved_hydra_config(parsed.overrides, parsed.package)
         return
@@ -62,18 +67,34 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+class JobFailed(CompactHydraException):
+    """A failed job of a sweep, as Hydra's JobReturn holds it (one line, no traceback): the other
+    jobs of the batch still run, and the sweeper sees the failure."""
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def hydra_entry(cfg: DictConfig) -> None:
+def hydra_entry(cfg: DictConfig) -> Optional[float]:
+    """One job. Returns the run's key metric (the train stage's key_metric_value in summary.json)
+    for Hydra's sweepers to optimise, as lightning-hydra-template's train() does, or None for a
+    run that trains nothing (the Optuna sweeper records that trial as failed and goes on). A single
+    run that fails exits with its code. A failed job of a sweep (its error printed, and recorded in
+    its summary.json when the run got that far) raises JobFailed: Hydra runs the other jobs of the
+    batch, the Optuna sweeper marks the trial failed (and stops past hydra.sweeper.max_failure_rate),
+    and `thresher -m` exits 1 at the end. An interrupted job (Ctrl-C, SIGTERM) ends a sweep at once."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from app.run import execute
+    from app.run import execute, key_metric_of
 
     hydra_cfg = HydraConfig.get()
-    code = execute(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg)
-    # In a sweep one failed job must not end the others: its summary.json records the failure.
-    if code and hydra_cfg.mode != RunMode.MULTIRUN:
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    checked = _checked_by_preflight and hydra_cfg.mode != RunMode.MULTIRUN
+    code = execute(cfg, run_dir, hydra_cfg, checked=checked)
+    if code and (hydra_cfg.mode != RunMode.MULTIRUN or code >= 128):
         sys.exit(code)
+    if code:
+        raise JobFailed(f"job {hydra_cfg.job.num} failed (exit code {code}); its run directory: {run_dir}")
+    return key_metric_of(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +155,11 @@ def explain_compose_error(error: Exception, overrides: List[str]) -> str:
     from omegaconf.errors import ConfigKeyError, ConfigTypeError, ValidationError
 
     if isinstance(error, OverrideParseException):
+        tilde = next((o for o in overrides if re.match(r"^[+~]*[\w.]+=~", o)), None)
+        if tilde is not None:  # the shell expands ~ only at a word's start, so Hydra sees it
+            key, _, value = tilde.partition("=")
+            return (f"could not parse the override {tilde}: Hydra does not expand '~'; write "
+                    f"{key}=$HOME{value[1:]}")
         return f"could not parse the override: {_first_line(error)}"
     if isinstance(error, MissingConfigException):
         match = re.search(r"Could not find '([^'/]+)/([^']+)'", str(error))

@@ -1,7 +1,7 @@
 """Turn `hardware.device` into a torch.device, failing clearly when the hardware is not there."""
 from __future__ import annotations
 
-from app.config import UserError
+from app.errors import UserError
 
 
 def resolve_device(name: str):

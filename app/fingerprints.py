@@ -99,7 +99,7 @@ def file_identity(location: str) -> Any:
     """A file or folder as a rerun can recognise it: a URL as written; a local path made absolute,
     with size, modification time and content hash for a file. A name that is not a path (a
     torchvision weights name) stays as it is."""
-    from app.config import is_url
+    from app.data.locations import is_url
 
     if is_url(location):
         return location

@@ -9,7 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from app.config import WEIGHTS_NAME_PATTERN, UserError
+from app.errors import UserError
+from app.train.tasks.base import WEIGHTS_NAME_PATTERN
 
 log = logging.getLogger("thresher")
 

@@ -12,9 +12,7 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
@@ -24,25 +22,26 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from app import atomic
-from app.config import STAGES, UserError, trains, validate
+from app.artifacts import (CONTAINER_LOG, HYDRA_CONFIGS, HYDRA_LOG, INPUT_FILES, LOCK, MARKER, NODE_SUMMARY,
+                           RUN_OUTPUTS, STAGE_ARTIFACTS, SUMMARY, producer_of, read_run_id, summary_file)
+from app.config import STAGES, trains, validate
+from app.data.locations import is_url, staging_dir
+from app.data.sources import configure_storage_for
+from app.errors import UserError, print_error, print_user_error
 from app.fingerprints import describe_change, stage_fingerprint
+from app.lifecycle import Interrupted, install_signal_handlers, restore_default_signal_handlers, seed_everything
+from app.sampling.samplers import needs_embeddings
 from app.secrets import REDACTED, install_redaction, read_secret, redact, register_secret
 
 log = logging.getLogger("thresher")
 
-SUMMARY = "summary.json"
-LOCK = ".lock"
-# Written when thresher creates (or adopts an empty) run directory: the proof that it is thresher's.
-MARKER = ".thresher-run"
-# Hydra opens <run dir>/thresher.log before thresher's code runs.
-HYDRA_LOG = "thresher.log"
-# Top-level names thresher writes in a run directory; overwrite=true removes these and nothing else.
-RUN_OUTPUTS = (".hydra", "data", "filenames", "checkpoints", "plots", "profile", "sampled", "tensorboard",
-               "wandb", "metrics.json", "metrics.csv", "report.html", "report.json", "container.log")
+# Written by thresher before the run's own process starts (Hydra's log; the docker launcher's copy
+# of the container's output), so they may stand in a folder that has no marker yet.
+WRITTEN_BEFORE_THE_RUN = (HYDRA_LOG, CONTAINER_LOG)
+# RUN_OUTPUTS (app.artifacts): the top-level names the stages declare they write, and .hydra;
+# overwrite=true removes these and nothing else.
 # What atomic.atomic_path leaves behind when its process is killed mid-write.
 STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
-# Seconds from the first SIGTERM/SIGINT to a forced exit, whatever the run is doing.
-EXIT_DEADLINE_S = 10.0
 # stage -> (module, function); imported only when the stage runs, since they pull in torch.
 STAGE_FUNCTIONS = {
     "scan": ("app.data.scan", "scan_stage"),
@@ -51,57 +50,12 @@ STAGE_FUNCTIONS = {
     "profile": ("app.profile.stage", "profile_stage"),
     "train": ("app.train.loop", "train_stage"),
 }
-# Artifacts a stage needs, and the stage that writes them.
-STAGE_INPUTS = {
-    "embed": [("data/input_files.csv", "scan")],
-    "select": [("data/embeddings.csv", "embed")],
-    "profile": [("data/input_files.csv", "scan"), ("data/dataset.json", "scan")],
-    "train": [("data/input_files.csv", "scan"), ("data/dataset.json", "scan")],
-}
+# Artifacts a stage needs, and the stage that writes them: from the stages' declarations.
+STAGE_INPUTS = {stage: [(name, producer_of(name)) for name in declared.needs]
+                for stage, declared in STAGE_ARTIFACTS.items() if declared.needs}
 # A stage that runs again from the start first removes what a resume would pick up.
-STAGE_RESUME_STATE = {
-    "train": ("checkpoints/last.pt", "checkpoints/best.pt", "checkpoints/epoch_*.pt", "metrics.csv",
-              "metrics.json", "tensorboard"),
-}
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived: stop, save what can be saved, exit 128 + signal number."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, _frame) -> None:
-    arm_exit_deadline(signum)
-    raise Interrupted(signum)
-
-
-def install_signal_handlers() -> None:
-    """PID 1 in a container ignores SIGTERM unless it handles it: `docker stop` needs this."""
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGINT, _raise_interrupted)
-
-
-_exit_deadline: Optional[threading.Timer] = None
-
-
-def arm_exit_deadline(signum: int, seconds: float = EXIT_DEADLINE_S) -> None:
-    """One signal ends the process within `seconds`, even when a thread is stuck in a read that
-    never returns (a FIFO, a hung network mount) and would keep the interpreter from exiting."""
-    global _exit_deadline
-    if _exit_deadline is not None:
-        return
-
-    def force_exit() -> None:
-        log.error("still running %.0fs after %s: exiting now", seconds, signal.Signals(signum).name)
-        logging.shutdown()
-        os._exit(128 + signum)
-
-    _exit_deadline = threading.Timer(seconds, force_exit)
-    _exit_deadline.daemon = True
-    _exit_deadline.start()
+STAGE_RESUME_STATE = {stage: declared.resume_state for stage, declared in STAGE_ARTIFACTS.items()
+                      if declared.resume_state}
 
 
 def utc_now() -> str:
@@ -164,7 +118,7 @@ def check_run_directory(run_dir: Path, work_dir: Optional[str], run_directory: O
         raise UserError(f"{shown} is a file, not a folder: choose another run_directory")
     if path.is_dir() and not (path / MARKER).is_file():
         try:
-            foreign = sorted(entry.name for entry in path.iterdir() if entry.name != HYDRA_LOG)
+            foreign = sorted(entry.name for entry in path.iterdir() if entry.name not in WRITTEN_BEFORE_THE_RUN)
         except OSError as error:
             raise UserError(f"{shown} cannot be read ({error.strerror}): choose another run_directory") from None
         if foreign:
@@ -175,21 +129,9 @@ def check_run_directory(run_dir: Path, work_dir: Optional[str], run_directory: O
 
 def local_work_dir(work_dir: str) -> str:
     """work_dir, or for a bucket work_dir the local folder its run directories are staged in."""
-    from app.config import is_url
-
     if is_url(work_dir):
-        from app.data.sources import staging_dir
-
         return str(staging_dir(str(work_dir)))
     return str(work_dir)
-
-
-def read_run_id(run_dir: Path) -> Optional[str]:
-    """The id in a run directory's marker, or None when the folder is not a thresher run."""
-    try:
-        return json.loads((Path(run_dir) / MARKER).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 class RunDirectory:
@@ -198,7 +140,7 @@ class RunDirectory:
 
     def __init__(self, path: Path, node_suffix: str = ""):
         # Other nodes of a multi-node run share the folder but keep their own lock and summary.
-        self.path, self.lock_name, self.summary_name = path, LOCK + node_suffix, f"summary{node_suffix}.json"
+        self.path, self.lock_name, self.summary_name = path, LOCK + node_suffix, summary_file(node_suffix)
         self.node_suffix = node_suffix
         self.run_id: Optional[str] = None
         self._lock_file = None
@@ -281,8 +223,8 @@ class RunDirectory:
         for child in sorted(self.path.iterdir()):
             if child.name in RUN_OUTPUTS or child.name == self.summary_name:
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-            elif not (child.name.startswith(LOCK) or child.name in (MARKER, HYDRA_LOG)
-                      or re.fullmatch(r"summary\.node\d+\.json", child.name)):
+            elif not (child.name.startswith(LOCK) or child.name in (MARKER, *WRITTEN_BEFORE_THE_RUN)
+                      or NODE_SUMMARY.fullmatch(child.name)):
                 left_alone.append(child.name)
         if left_alone:
             log.warning("overwrite=true: left alone %d entries thresher did not write in %s: %s", len(left_alone),
@@ -305,7 +247,7 @@ def take_secrets(cfg: DictConfig) -> Optional[str]:
 
 def save_configs(cfg: DictConfig, run_dir: Path, hydra_cfg: Any) -> None:
     """Hydra's .hydra/ files, written by us so that every secret is redacted first."""
-    hydra_dir = run_dir / ".hydra"
+    hydra_dir = run_dir / HYDRA_CONFIGS
     atomic.write_text(hydra_dir / "config.yaml", redact(OmegaConf.to_yaml(cfg)))
     overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
     atomic.write_text(hydra_dir / "overrides.yaml", redact(OmegaConf.to_yaml(overrides)))
@@ -317,7 +259,7 @@ def stages_to_run(cfg: DictConfig, run_dir: Path) -> List[str]:
     """The stages asked for, plus the scan that `stages=[profile]` needs on a fresh run directory:
     profiling wants the file list, and the scan is what sets corrupt files aside."""
     stages = list(cfg.stages)
-    if "profile" in stages and "scan" not in stages and not (run_dir / STAGE_INPUTS["profile"][0][0]).is_file():
+    if "profile" in stages and "scan" not in stages and not (run_dir / INPUT_FILES).is_file():
         log.info("stages=%s: scanning the input first, as the profile needs its file list", stages)
         stages.insert(0, "scan")
     return stages
@@ -328,8 +270,8 @@ def check_stage_inputs(cfg: DictConfig, run_dir: Path, stages: List[str], summar
     stage with other settings than this run's: say so now, before any stage runs."""
     for stage in stages:
         for artifact, producer in STAGE_INPUTS.get(stage, []):
-            if stage == "select" and cfg.sampler.method == "none":
-                continue
+            if producer == "embed" and not needs_embeddings(cfg.sampler.method):
+                continue  # the embed stage is skipped: what it writes is needed by no one
             if producer in stages:
                 continue
             if not (run_dir / artifact).is_file():
@@ -363,8 +305,9 @@ def node_suffix(cfg: DictConfig) -> str:
     return ""
 
 
-def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
-    """Run the configured stages in `run_dir`; returns the process exit code."""
+def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None, checked: bool = False) -> int:
+    """Run the configured stages in `run_dir`; returns the process exit code. `checked`: the CLI
+    checked this config in this process already (validate, and the torch checks of training)."""
     install_redaction()  # Hydra configured its log handlers after the CLI installed it
     degrade_log_files_quietly()
     started = time.perf_counter()
@@ -372,11 +315,14 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
     summary: Optional[Summary] = None
     try:
         take_secrets(cfg)
-        validate(cfg)
-        if trains(cfg) and not cfg.sanity_check:  # values torch refuses, before anything is written
-            from app.train.loop import check_train_config
+        if not checked:
+            validate(cfg)
+            if trains(cfg) and not cfg.sanity_check:  # values torch refuses, before anything is written
+                from app.train.loop import check_train_config
 
-            check_train_config(cfg)
+                check_train_config(cfg)
+        # every stage of this process (and its forked loader workers) reaches the buckets with these
+        configure_storage_for(cfg)
         fetch_from_bucket(cfg, run_dir)
         summary = run.acquire(cfg.overwrite, cfg.resume, cfg.work_dir, cfg.run_directory)
         # resume=true, or a rerun in the directory of an interrupted or failed run
@@ -412,11 +358,7 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
         return 0
     except UserError as error:
         _record_failure(summary, "failed", str(error))
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            import traceback
-
-            sys.stderr.write(redact(traceback.format_exc()))
-        print(f"thresher: error: {redact(str(error))}", file=sys.stderr)
+        print_user_error(error)
         return 2
     except Interrupted as stop:
         _record_failure(summary, "interrupted", f"stopped by {stop}")
@@ -426,22 +368,29 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None) -> int:
         reason = describe_os_error(error)
         log.error("run failed: %s", reason)
         _record_failure(summary, "failed", reason)
-        print(f"thresher: error: {redact(reason)}", file=sys.stderr)
+        print_error(reason)
         return 1
     except Exception as error:
         log.exception("run failed")
         _record_failure(summary, "failed", f"{type(error).__name__}: {error}")
-        print(f"thresher: error: {type(error).__name__}: {redact(str(error))} "
-              f"(traceback in {run_dir / 'thresher.log'})", file=sys.stderr)
+        print_error(f"{type(error).__name__}: {error} (traceback in {run_dir / HYDRA_LOG})")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore_default_signal_handlers()
         try:
             sync_to_bucket(cfg, run_dir)  # the final summary.json and log, whatever the outcome
         except Exception as error:
             log.warning("could not copy %s to work_dir=%s: %s", run_dir, cfg.work_dir, redact(str(error)))
         run.release()
+
+
+def key_metric_of(run_dir: Path) -> Optional[float]:
+    """The run's key metric, for Hydra's sweepers: the train stage's key_metric_value in
+    summary.json (trainer.key_metric, val_top1 by default). None when the run did not finish
+    training or the value is missing."""
+    train = Summary.load(Path(run_dir) / SUMMARY).data.get("stages", {}).get("train", {})
+    value = train.get("key_metric_value")
+    return float(value) if train.get("status") == "finished" and value is not None else None
 
 
 def describe_os_error(error: OSError) -> str:
@@ -484,8 +433,6 @@ def degrade_log_files_quietly() -> None:
 def sync_to_bucket(cfg: DictConfig, run_dir: Path) -> None:
     """work_dir=s3://... (gs://, az://): the run directory is a local staging folder, copied up
     after every stage, so the bucket holds every finished stage's artifacts."""
-    from app.config import is_url
-
     if is_url(cfg.work_dir):
         from app.data.sources import upload_run_directory
 
@@ -496,8 +443,6 @@ def sync_to_bucket(cfg: DictConfig, run_dir: Path) -> None:
 def fetch_from_bucket(cfg: DictConfig, run_dir: Path) -> None:
     """A bucket run directory that this machine has not staged (a new container resuming it):
     bring its files down first, so that resume and the finished-run checks see them."""
-    from app.config import is_url
-
     if is_url(cfg.work_dir) and not (run_dir / SUMMARY).is_file():
         from app.data.sources import download_run_directory
 
@@ -515,8 +460,8 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, re
     for stage in STAGES:
         if stage not in stages:
             continue
-        if stage == "embed" and cfg.sampler.method == "none":
-            log.info("stage embed: skipped, sampler=none needs no embeddings")
+        if stage == "embed" and not needs_embeddings(cfg.sampler.method):
+            log.info("stage embed: skipped, sampler=%s needs no embeddings", cfg.sampler.method)
             summary.data["stages"][stage] = {"status": "skipped"}
             continue
         recorded = summary.data["stages"].get(stage, {})
@@ -567,17 +512,6 @@ def more_epochs_wanted(stage: str, cfg: DictConfig, summary: Summary) -> bool:
     """`resume=true trainer.epochs=N` on a finished run trains on from its last.pt up to N epochs."""
     finished = summary.data.get("stages", {}).get(stage, {}).get("epochs")
     return stage == "train" and bool(cfg.resume) and finished is not None and cfg.trainer.epochs > finished
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _record_failure(summary: Optional[Summary], status: str, message: str) -> None:

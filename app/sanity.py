@@ -9,7 +9,7 @@ from typing import Dict
 
 from omegaconf import DictConfig
 
-from app.config import UserError
+from app.errors import UserError
 
 log = logging.getLogger("thresher")
 

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Set
 
-from app.config import UserError
+from app.errors import UserError, redact_with
 
 REDACTED = "***"
 # Config key -> environment variable that carries it (a `key=value` override is taken off argv).
@@ -38,6 +38,11 @@ def redact(text: str) -> str:
     for value in sorted(_secret_values, key=len, reverse=True):
         text = text.replace(value, REDACTED)
     return text
+
+
+# Every `thresher: error: ...` line (app.errors) goes through redact: a process that holds a secret
+# has imported this module to register it.
+redact_with(redact)
 
 
 def take_secret_overrides(argv: Sequence[str]) -> List[str]:

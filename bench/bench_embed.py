@@ -70,7 +70,7 @@ def run_thresher(input_dir: Path, work: Path, args, device) -> dict:
     scan_stage(cfg, work, device)
     timed = TimedForward(backbone(args.seed), device)
     original = embed.build_backbone
-    embed.build_backbone = lambda name, weights: (timed, 512)
+    embed.build_backbone = lambda name, weights, key="model.weights": (timed, 512)
     try:
         began = time.perf_counter()
         result = embed.embed_stage(cfg, work, device)

@@ -30,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.config import shapes_cache_dir  # noqa: E402
+from app.data.locations import shapes_cache_dir  # noqa: E402
 
 # Runs in the measured tree: the best of `repeats` listings and scans (wall and process CPU seconds).
 MEASURE = """

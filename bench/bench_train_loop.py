@@ -64,7 +64,7 @@ def scanned_shapes(n_images: int, shapes_size: int):
     os.environ.update(env)
     run_dir = work / "runs/bench"
     input_dir, files, labels, _ = selected_files(run_dir)
-    return work, run_dir, input_dir, files, labels
+    return work, run_dir, Path(input_dir), files, labels  # a local folder: the shapes cache
 
 
 def timed(function, *args):

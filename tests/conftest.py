@@ -52,6 +52,25 @@ def sigterm_once_written(args: List[str], env: dict, cwd: Path, path: Path, poll
     return subprocess.CompletedProcess(process.args, process.returncode, output, "")
 
 
+@pytest.fixture
+def registered() -> None:
+    """thresher's schemas and resolvers, as the CLI registers them before composing."""
+    from app.config import register_configs, register_resolvers
+
+    register_configs()
+    register_resolvers()
+
+
+def compose(*overrides: str):
+    """The config `thresher *overrides` would run with, composed in this process."""
+    from app import cli
+    from app.config import register_configs, register_resolvers
+
+    register_configs()
+    register_resolvers()
+    return cli.compose(list(overrides))
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 

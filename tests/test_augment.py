@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from app.config import AugmentConfig
+from app.data.schema import AugmentConfig
 from app.data.augment import build_transform, input_size_ok
 from app.data.images import IMAGENET_MEAN, IMAGENET_STD
 

@@ -17,9 +17,10 @@ from PIL import Image
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
+from app.artifacts import read_input_files  # noqa: E402
 from app.data import sources  # noqa: E402
 from app.data.images import open_image  # noqa: E402
-from app.data.scan import read_input_files, scan_stage  # noqa: E402
+from app.data.scan import scan_stage  # noqa: E402
 from conftest import thresher  # noqa: E402
 from test_video import compose, input_files, lines, make_video  # noqa: E402
 
@@ -137,7 +138,7 @@ def test_a_later_run_processes_only_new_and_changed_objects(s3, tmp_path):
     fs.pipe(f"{bucket}/data/2.png", png_bytes(99))  # a new ETag: processed again
     second = scan_stage(compose(f"data.input_dir={url}", work), tmp_path / "two")
     assert input_files(tmp_path / "two") == ["2.png", "4.png"] and second.n_already_seen == 2
-    from app.config import UserError
+    from app.errors import UserError
 
     with pytest.raises(UserError, match="no new objects .* datasource.process_all=true"):
         scan_stage(compose(f"data.input_dir={url}", work), tmp_path / "three")
@@ -227,7 +228,7 @@ def test_object_keys_the_name_rule_refuses_are_listed_as_skipped(s3, tmp_path):
     upload_images(fs, f"{bucket}/data", [*used, "a/tab\t.png", "a/esc\x1b.png"])
     run_dir = tmp_path / "run"
     result = scan_stage(compose(f"data.input_dir=s3://{bucket}/data"), run_dir)
-    assert read_input_files(run_dir / "data/input_files.csv")[0] == used
+    assert read_input_files(run_dir)[0] == used
     assert lines(run_dir / "filenames/unused_filenames.txt") == [
         "a/esc\\x1b.png\tname holds a control character (\\x1b)", "a/tab\\t.png\tname holds a tab (\\t)"]
     assert result.n_unused == 2

@@ -10,18 +10,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from app import cli
-from app.config import register_configs, register_resolvers, validate
-from conftest import ROOT, thresher
+from app.config import validate
+from conftest import ROOT, compose, thresher
 
 
-@pytest.fixture(autouse=True)
-def _registered():
-    register_configs()
-    register_resolvers()
-
-
-def compose(*overrides):
-    return cli.compose(list(overrides))
+pytestmark = pytest.mark.usefixtures("registered")
 
 
 def test_default_config_composes_every_group():
@@ -211,9 +204,71 @@ def test_work_dir_under_a_file_is_refused(env, tmp_path):
 
 
 def test_unwritable_work_dir_is_refused_with_the_docker_hint(tmp_path, monkeypatch):
-    from app.config import UserError
+    from app.errors import UserError
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     cfg = compose(f"work_dir={tmp_path}/runs")
     with pytest.raises(UserError, match="not writable by uid .*--user"):
         validate(cfg)
+
+
+def test_checking_a_bucket_config_leaves_the_storage_settings_alone(monkeypatch):
+    """validate only checks: the run, not the check, hands storage_options to fsspec."""
+    import fsspec.config
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    validate(compose("work_dir=memory://bucket/runs", "storage_options.s3.endpoint_url=http://127.0.0.1:9"))
+    assert fsspec.config.conf == {}
+
+
+def test_the_run_gives_storage_options_to_fsspec_only_when_it_reaches_a_bucket(monkeypatch):
+    import fsspec.config
+
+    from app.data.sources import configure_storage_for
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    configure_storage_for(compose("storage_options.s3.endpoint_url=http://127.0.0.1:9"))
+    assert fsspec.config.conf == {}
+    configure_storage_for(compose("work_dir=memory://bucket/runs",
+                                  "storage_options.s3.endpoint_url=http://127.0.0.1:9"))
+    assert fsspec.config.conf["s3"] == {"endpoint_url": "http://127.0.0.1:9"}
+
+
+COUNT_CHECKS = """
+import sys
+from app import cli, config, run
+
+checks = []
+
+def counting_validate(cfg, _validate=config.validate):
+    checks.append(cfg.seed)
+    _validate(cfg)
+
+cli.validate = run.validate = counting_validate
+cli.main(sys.argv[1:])
+print("validated", sorted(checks))
+"""
+
+
+@pytest.mark.parametrize("args, validated", [
+    ([], "[0]"),  # preflight checks it, the run does not check it again
+    (["--multirun", "seed=1,2"], "[1, 2]"),  # no preflight for a sweep: each job's run checks its config
+])
+def test_a_config_is_validated_once_per_run(args, validated, env, tmp_path):
+    result = subprocess.run([sys.executable, "-c", COUNT_CHECKS, *args, "data.n_images=12", "data.shapes_image_size=32",
+                             "hardware=cpu", "stages=[scan]"],
+                            env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"validated {validated}" in result.stdout
+
+
+def test_a_tilde_in_an_override_says_to_write_home():
+    """The shell expands ~ only at the start of a word, so `data.input_dir=~/images` reaches Hydra,
+    whose grammar refuses it: the message says what to write instead."""
+    from app.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        compose("data=folder", "data.input_dir=~/images")
+    assert str(refused.value) == ("could not parse the override data.input_dir=~/images: Hydra does not expand "
+                                  "'~'; write data.input_dir=$HOME/images")

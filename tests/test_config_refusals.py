@@ -9,21 +9,14 @@ import zipfile
 import pytest
 import torch
 
-from app import cli
-from app.config import (OPTIMIZERS, SCHEDULERS, TASK_METRICS, UserError, register_configs, register_resolvers,
-                        validate)
+from app.config import TASK_METRICS, validate
+from app.train.schema import OPTIMIZERS, SCHEDULERS
+from app.errors import UserError
 from app.train.loop import check_train_config
-from conftest import SMALL, thresher
+from conftest import SMALL, compose, thresher
 
 
-@pytest.fixture(autouse=True)
-def _registered():
-    register_configs()
-    register_resolvers()
-
-
-def compose(*overrides):
-    return cli.compose(list(overrides))
+pytestmark = pytest.mark.usefixtures("registered")
 
 
 def refusal(check, *overrides) -> str:
@@ -215,14 +208,15 @@ def test_a_key_metric_the_task_reports_is_accepted(overrides):
 
 
 def test_the_metric_names_checked_without_torch_are_the_ones_the_evaluators_report():
-    from app.train.metrics import ClassificationEvaluator, CocoEvaluator, key_metric
+    from app.train.metrics import ClassificationEvaluator, CocoEvaluator
+    from app.train.tasks import spec_for
 
     reported = {"classification": ClassificationEvaluator().compute(),
                 "detection": CocoEvaluator(["__background__", "a"]).compute(),
                 "keypoints": CocoEvaluator(["__background__", "a"], num_keypoints=3).compute()}
     for task, metrics in reported.items():
         assert set(metrics) == set(TASK_METRICS[task])
-        assert key_metric(task) in metrics
+        assert spec_for(task).key_metric in metrics
 
 
 # ---------------------------------------------------------------------------------------------

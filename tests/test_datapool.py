@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from app import cli
-from app.config import UserError, register_configs, register_resolvers, validate
+from app.config import register_configs, register_resolvers, validate
+from app.errors import UserError
 from app.sampling import datapool
 from app.sampling.datapool import commit_run_selection, load_datapool, locked_datapool
-from app.sampling.embed import EMBEDDINGS, write_embeddings_csv
-from app.sampling.select import SAMPLED, select_stage
+from app.artifacts import EMBEDDINGS, SAMPLED
+from app.sampling.embeddings_io import write_embeddings_csv
+from app.sampling.select import select_stage
 from conftest import thresher
 
 CPU = torch.device("cpu")
@@ -292,7 +294,7 @@ def test_a_whole_run_started_again_replaces_its_part_of_the_pool(monkeypatch, tm
     leaves the pool with this run's new picks only; another run then adds its own."""
     from PIL import Image
 
-    from app.run import read_run_id
+    from app.artifacts import read_run_id
     from conftest import run_in_process
 
     folder = tmp_path / "images"

@@ -9,12 +9,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from app.data.shapes import ensure_shapes, shapes_dir
-from app.run import EXIT_DEADLINE_S, degrade_log_files_quietly
+from app.lifecycle import EXIT_DEADLINE_S
+from app.run import degrade_log_files_quietly
 from conftest import ROOT, SMALL, in_ci, run_in_process, thresher
 
 
@@ -80,7 +80,7 @@ def test_one_sigterm_ends_the_process_even_when_a_thread_is_stuck(tmp_path):
     os.mkfifo(fifo)
     script = textwrap.dedent(f"""
         import threading, time
-        from app.run import Interrupted, install_signal_handlers
+        from app.lifecycle import Interrupted, install_signal_handlers
         install_signal_handlers()
         threading.Thread(target=lambda: open({str(fifo)!r}, "rb").read()).start()
         print("ready", flush=True)

@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 from app import atomic
+from app.artifacts import INPUT_FILES, read_input_files
 from app.data import sources
 from app.data.images import ImageFiles, image_transform, open_image
 from app.data.names import escape_name, name_problem
-from app.data.scan import inspect_file, read_input_files, scan_stage
+from app.data.scan import inspect_file, scan_stage
 
 # Names the rule uses: they must come back unchanged from every artifact.
 ODD_BUT_USED = ['co,mma.png', 'quo"te.png', '"quoted".png', "apo'strophe.png", " leading space.png",
@@ -57,7 +58,7 @@ def scan(folder: Path, run_dir: Path, *overrides: str):
 
 
 def input_rows(run_dir: Path) -> List[Tuple[str, int]]:
-    names, labels = read_input_files(run_dir / "data/input_files.csv")
+    names, labels = read_input_files(run_dir)
     return list(zip(names, labels))
 
 
@@ -316,7 +317,7 @@ def test_relevant_entries_that_cannot_be_used_are_listed_with_why(tmp_path):
 def test_every_list_and_csv_gives_back_every_name_the_rule_uses(tmp_path):
     from lightly.utils.io import load_embeddings
 
-    from app.sampling.embed import read_embeddings_csv, write_embeddings_csv
+    from app.sampling.embeddings_io import read_embeddings_csv, write_embeddings_csv
     from app.train.data import split
 
     names = [f"c/{name}" for name in ODD_BUT_USED]
@@ -324,8 +325,8 @@ def test_every_list_and_csv_gives_back_every_name_the_rule_uses(tmp_path):
     assert atomic.read_lines(tmp_path / "names.txt") == names
     (tmp_path / "crlf.txt").write_bytes("\r\n".join(names).encode("utf-8") + b"\r\n")
     assert atomic.read_lines(tmp_path / "crlf.txt") == names
-    atomic.write_csv(tmp_path / "input_files.csv", ["filenames", "labels"], [(name, 0) for name in names])
-    assert read_input_files(tmp_path / "input_files.csv") == (names, [0] * len(names))
+    atomic.write_csv(tmp_path / INPUT_FILES, ["filenames", "labels"], [(name, 0) for name in names])
+    assert read_input_files(tmp_path) == (names, [0] * len(names))
     vectors = np.arange(len(names) * 3, dtype=np.float32).reshape(len(names), 3)
     write_embeddings_csv(tmp_path / "embeddings.csv", names, vectors, list(range(len(names))))
     files, read_back, labels = read_embeddings_csv(tmp_path / "embeddings.csv", strict=True)
@@ -354,7 +355,7 @@ def test_embed_and_select_give_back_odd_names_in_every_artifact(tmp_path):
                   "sampler.stopping_condition.n_samples=0.5")
     run_dir = tmp_path / "run"
     scan_stage(cfg, run_dir)
-    names, _ = read_input_files(run_dir / "data/input_files.csv")
+    names, _ = read_input_files(run_dir)
     assert sorted(names) == sorted(f"{'a' if i % 2 else 'b,c'}/{n}" for i, n in enumerate(ODD_BUT_USED))
     embed_stage(cfg, run_dir, torch.device("cpu"))
     select_stage(cfg, run_dir, torch.device("cpu"))

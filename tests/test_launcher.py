@@ -20,7 +20,7 @@ from typing import List
 
 import pytest
 
-from app.config import UserError
+from app.errors import UserError
 
 from conftest import unavailable
 
@@ -183,16 +183,21 @@ def test_secrets_reach_the_container_by_name_only(tmp_path, monkeypatch):
     assert "names only" in str(refused.value)
 
 
-def test_each_jobs_exit_code_goes_into_hydras_job_return(tmp_path):
+def test_each_jobs_outcome_goes_into_hydras_job_return(tmp_path):
+    """A finished job returns its key metric (as a local job does, for sweepers such as Optuna);
+    a failed one raises, naming its exit code and log."""
     from hydra.core.utils import JobStatus
 
     from app.launcher.docker import JobFailed, JobOutcome, job_return, plan_job
 
     finished = plan_job(hydra_config(tmp_path, ["seed=1"], num=0), ["seed=1"], 0)
     failed = plan_job(hydra_config(tmp_path, ["seed=2"], num=1), ["seed=2"], 1)
+    finished.host_run_dir.mkdir(parents=True, exist_ok=True)
+    (finished.host_run_dir / "summary.json").write_text(
+        '{"stages": {"train": {"status": "finished", "key_metric_value": 0.875}}}')
 
     ok = job_return(finished, JobOutcome(finished, "finished", exit_code=0))
-    assert (ok.status, ok.return_value, ok.overrides) == (JobStatus.COMPLETED, 0, ["seed=1"])
+    assert (ok.status, ok.return_value, ok.overrides) == (JobStatus.COMPLETED, 0.875, ["seed=1"])
     assert ok.working_dir == str(finished.host_run_dir)
     assert "hydra" not in ok.cfg and ok.cfg.seed == 1
 
@@ -238,6 +243,152 @@ def test_sweep_summary_reads_each_jobs_numbers_defensively(tmp_path):
     summary = json.loads(path.read_text())
     assert [row["status"] for row in summary["jobs"]] == ["finished", "failed", "finished"]
     assert summary["n_failed"] == 1
+
+
+def parsed_overrides(command: List[str]) -> dict:
+    """The container's command as Hydra will read it: key -> value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(list(command))}
+
+
+def mounts_of(job) -> dict:
+    from app.launcher.docker import LauncherOptions, container_kwargs
+
+    kwargs = container_kwargs(job, LauncherOptions(image="thresher:test"), [], {}, [])
+    return {mount["Target"]: (mount["Source"], mount["ReadOnly"]) for mount in kwargs["mounts"]}
+
+
+@pytest.mark.parametrize("path", ["/data/inputs/data.root/plain", "/data/input/a b/c", "/data/input/it's",
+                                  "/data/input/back\\slash", "/data/input/ends\\", "/data/input/q\\'x",
+                                  "/data/input/${not.a.key}", "/data/input/a,b=[c]"])
+def test_a_container_path_reaches_the_job_as_it_is(path):
+    from omegaconf import OmegaConf
+
+    from app.launcher.docker import _hydra_value
+
+    value = parsed_overrides([f"data.root={_hydra_value(path)}"])["data.root"]
+    assert OmegaConf.create({"root": value}).root == path  # read back, interpolation resolved
+
+
+def test_each_job_of_a_sweep_over_oxford_pet_roots_gets_its_own_root_read_only(tmp_path):
+    from app.launcher.docker import InputMount, plan_job
+
+    roots = [tmp_path / "pets" / "small", tmp_path / "pets" / "large set"]
+    jobs = []
+    for num, root in enumerate(roots):
+        (root / "images").mkdir(parents=True)
+        overrides = ["data=oxford_pet", f"data.root='{root}'"]
+        jobs.append(plan_job(hydra_config(tmp_path, overrides, num=num), overrides, num))
+    for job, root in zip(jobs, roots):
+        assert job.host_input_dir is None  # data=oxford_pet has no data.input_dir
+        assert job.input_mounts == [InputMount(root, "/data/inputs/data.root")]
+        assert mounts_of(job)["/data/inputs/data.root"] == (str(root), True)
+        assert parsed_overrides(job.command)["data.root"] == "/data/inputs/data.root"
+        assert not any(str(tmp_path / "pets") in arg for arg in job.command)
+
+
+def test_coco_annotations_outside_the_image_folder_are_mounted_and_inside_it_only_translated(tmp_path):
+    from app.launcher.docker import InputMount, plan_job
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "annotations.json").write_text("{}")
+    labels = tmp_path / "my labels" / "train set.json"  # spaces in a folder and a file name
+    labels.parent.mkdir()
+    labels.write_text("{}")
+
+    inside = ["data=coco", f"data.input_dir={images}"]  # data.annotations: ${data.input_dir}/annotations.json
+    job = plan_job(hydra_config(tmp_path, inside), inside, 0)
+    assert job.input_mounts == []
+    assert parsed_overrides(job.command)["data.annotations"] == "/data/input/annotations.json"
+
+    outside = [*inside, f"data.annotations='{labels}'"]
+    job = plan_job(hydra_config(tmp_path, outside), outside, 0)
+    target = "/data/inputs/data.annotations/train set.json"
+    assert job.input_mounts == [InputMount(labels, target)]  # the file alone, not its folder
+    assert mounts_of(job)[target] == (str(labels), True)
+    assert f"data.annotations='{target}'" in job.command
+    assert parsed_overrides(job.command)["data.annotations"] == target
+    assert not any(str(tmp_path) in arg for arg in job.command)
+
+    # A bucket input is the job's to read; a local annotations file still goes in.
+    bucket = ["data=coco", "data.input_dir=s3://bucket/images", f"data.annotations='{labels}'"]
+    job = plan_job(hydra_config(tmp_path, bucket), bucket, 0)
+    assert job.input_mounts == [InputMount(labels, target)]
+    assert parsed_overrides(job.command)["data.input_dir"] == "s3://bucket/images"
+
+
+def test_paths_inside_one_another_or_named_twice_are_mounted_once(tmp_path):
+    from app.data.inputs import FILE, FOLDER
+    from app.launcher.docker import InputMount, plan_input_mounts
+
+    outer = tmp_path / "outer"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    listed = inner / "list.txt"
+    other = tmp_path / "other.csv"
+    for path in (listed, other):
+        path.write_text("")
+    work = tmp_path / "runs"
+    plan = plan_input_mounts([("data.root", inner, FOLDER), ("a.file", listed, FILE), ("b.folder", outer, FOLDER),
+                              ("c.file", other, FILE), ("d.file", other, FILE),
+                              ("e.file", work / "old" / "best.pt", FILE)], mounted=[(work, "/data/output")])
+    assert plan.mounts == [InputMount(outer, "/data/inputs/b.folder"), InputMount(other, "/data/inputs/c.file/other.csv")]
+    assert plan.values == {"data.root": "/data/inputs/b.folder/inner",
+                           "a.file": "/data/inputs/b.folder/inner/list.txt",
+                           "b.folder": "/data/inputs/b.folder",
+                           "c.file": "/data/inputs/c.file/other.csv", "d.file": "/data/inputs/c.file/other.csv",
+                           "e.file": "/data/output/old/best.pt"}  # under a mount: translated, even before it exists
+
+
+def test_relative_and_home_paths_are_the_launch_folders_and_a_missing_one_is_left_to_the_job(tmp_path, monkeypatch):
+    from app.launcher.docker import InputMount, plan_job
+
+    (tmp_path / "pets" / "images").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    relative = ["data=oxford_pet", "data.root=pets"]
+    job = plan_job(hydra_config(tmp_path, relative), relative, 0)
+    assert job.input_mounts == [InputMount(tmp_path / "pets", "/data/inputs/data.root")]
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = ["data=oxford_pet", "data.root='~/pets'"]  # Hydra's grammar takes a ~ only quoted
+    assert plan_job(hydra_config(tmp_path, home), home, 0).input_mounts == job.input_mounts
+
+    missing = ["data=oxford_pet", f"data.root={tmp_path}/no such folder"]
+    job = plan_job(hydra_config(tmp_path, missing), missing, 0)
+    assert job.input_mounts == []  # its config check says "data.root=... it must hold the Oxford-IIIT Pet layout"
+    assert parsed_overrides(job.command)["data.root"] == f"{tmp_path}/no such folder"
+
+
+def test_bring_your_own_files_go_in_read_only_and_a_weights_name_stays_a_name(tmp_path):
+    from app.launcher.docker import InputMount, plan_job
+
+    images = tmp_path / "images"
+    images.mkdir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    embeddings, weights, val_list = mine / "embeddings.csv", mine / "resnet.pt", tmp_path / "val.txt"
+    checkpoint = tmp_path / "runs" / "earlier" / "best.pt"
+    for path in (embeddings, weights, val_list):
+        path.write_text("")
+    overrides = ["data=folder", f"data.input_dir={images}", f"embeddings={embeddings}", f"checkpoint={checkpoint}",
+                 f"model.weights={weights}", f"trainer.val_filenames_file={val_list}"]
+    job = plan_job(hydra_config(tmp_path, overrides), overrides, 0)
+    assert job.input_mounts == [InputMount(val_list, "/data/inputs/trainer.val_filenames_file/val.txt"),
+                                InputMount(embeddings, "/data/inputs/embeddings/embeddings.csv"),
+                                InputMount(weights, "/data/inputs/model.weights/resnet.pt")]
+    command = parsed_overrides(job.command)
+    assert command["embeddings"] == "/data/inputs/embeddings/embeddings.csv"
+    assert command["model.weights"] == "/data/inputs/model.weights/resnet.pt"
+    assert command["trainer.val_filenames_file"] == "/data/inputs/trainer.val_filenames_file/val.txt"
+    assert command["checkpoint"] == "/data/output/earlier/best.pt"  # under work_dir: no mount of its own
+    assert all(read_only for target, (_, read_only) in mounts_of(job).items() if target.startswith("/data/inputs/"))
+
+    named = ["data=folder", f"data.input_dir={images}", "model.weights=ResNet18_Weights.IMAGENET1K_V1"]
+    job = plan_job(hydra_config(tmp_path, named), named, 0)
+    assert job.input_mounts == []
+    assert "model.weights=ResNet18_Weights.IMAGENET1K_V1" in job.command
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,3 +551,60 @@ def test_a_gpu_job_on_an_engine_without_the_nvidia_runtime_fails_alone_and_says_
     assert "hydra.launcher.gpus_per_job=0 runs on CPU" in process.stderr
     [row] = json.loads((the_sweep_dir(tmp_path / "runs") / "sweep_summary.json").read_text())["jobs"]
     assert row["status"] == "failed" and row["gpus"] == ["0"]
+
+
+@pytest.mark.docker
+def test_a_sweep_over_oxford_pet_roots_mounts_each_jobs_own_root(docker_client, launcher_env, tmp_path):
+    """data=oxford_pet reads data.root (no data.input_dir): each job of a sweep over two roots gets
+    its own root mounted, and scans its own images."""
+    from app.data.shapes import write_pet_layout
+
+    small = write_pet_layout(tmp_path / "pets" / "small", 6, 32)
+    large = write_pet_layout(tmp_path / "pets" / "large set", 9, 32)  # a space in the path
+    label = f"thresher_test={uuid.uuid4().hex}"
+    try:
+        process = thresher(["-m", "hydra/launcher=docker", "data=oxford_pet", f"data.root='{small}','{large}'",
+                            "stages=[scan]", *TINY, f"+hydra.launcher.labels.{label}"], launcher_env, tmp_path)
+        assert containers_labelled(docker_client, label) == []
+    finally:
+        remove_labelled(docker_client, label)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    summary = json.loads((the_sweep_dir(tmp_path / "runs") / "sweep_summary.json").read_text())
+    assert [(row["status"], row["metrics"]["scan.n_images"]) for row in summary["jobs"]] == \
+        [("finished", 6), ("finished", 9)]
+
+
+@pytest.mark.docker
+def test_coco_annotations_and_a_file_list_outside_the_image_folder_are_mounted(docker_client, launcher_env,
+                                                                               tmp_path):
+    """data.annotations and data.relevant_filenames_file in folders of their own: the container
+    reads both (the scan reads the list, training the annotations)."""
+    from app.data.shapes import generate_shapes
+
+    images = tmp_path / "images"
+    generate_shapes(images, 12, 32)
+    labels = tmp_path / "coco labels"
+    labels.mkdir()
+    (images / "annotations.json").rename(labels / "train.json")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    listed = sorted(str(p.relative_to(images)) for p in images.rglob("*.png"))[:9]
+    (lists / "relevant.txt").write_text("\n".join(listed) + "\n")
+    label = f"thresher_test={uuid.uuid4().hex}"
+    try:
+        process = thresher(["-m", "hydra/launcher=docker", "data=coco", f"data.input_dir={images}",
+                            f"data.annotations='{labels / 'train.json'}'",
+                            f"data.relevant_filenames_file={lists / 'relevant.txt'}",
+                            "stages=[scan,train]", "trainer.epochs=1", "trainer.batch_size=4", *TINY,
+                            f"+hydra.launcher.labels.{label}"], launcher_env, tmp_path)
+        assert containers_labelled(docker_client, label) == []
+    finally:
+        remove_labelled(docker_client, label)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    [row] = json.loads((the_sweep_dir(tmp_path / "runs") / "sweep_summary.json").read_text())["jobs"]
+    assert row["status"] == "finished"
+    assert row["metrics"]["scan.n_images"] == 9  # the list's nine, not the folder's twelve
+    assert row["metrics"]["train.n_train"] + row["metrics"]["train.n_val"] == 9
+    assert "from /data/inputs/data.annotations/train.json" in Path(row["log"]).read_text()

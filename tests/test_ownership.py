@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app.config import UserError
-from app.run import MARKER, check_run_directory, read_run_id
+from app.artifacts import MARKER, read_run_id
+from app.errors import UserError
+from app.run import check_run_directory
 from conftest import SMALL, run_in_process, thresher
 
 SCAN_ONLY = [*SMALL, "stages=[scan]"]

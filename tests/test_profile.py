@@ -93,8 +93,8 @@ def test_out_of_memory_at_one_batch_size_is_recorded_and_the_sweep_goes_on(tmp_p
 
     real_build_step = profile_stage_module.build_step
 
-    def build_step_that_runs_out_of_memory(cfg, data, device):
-        step, release = real_build_step(cfg, data, device)
+    def build_step_that_runs_out_of_memory(setup):
+        step, release = real_build_step(setup)
 
         def step_with_limited_memory(images, targets):
             if len(images) == 16:

@@ -55,8 +55,8 @@ def within_set_nearest(points: np.ndarray) -> np.ndarray:
 def make_run_dir(root: Path) -> tuple[Path, list, np.ndarray, np.ndarray]:
     """A run directory written by hand in the formats scan, embed and select use: 36 images in three
     coloured classes, clustered embeddings, every third image selected, one corrupt, two duplicates."""
-    from app.sampling.embed import write_embeddings_csv
-    from app.sampling.select import write_selection_csv
+    from app.sampling.embeddings_io import write_embeddings_csv
+    from app.artifacts import write_selection
 
     input_dir, run_dir = root / "images", root / "run"
     rng = np.random.default_rng(0)
@@ -81,8 +81,8 @@ def make_run_dir(root: Path) -> tuple[Path, list, np.ndarray, np.ndarray]:
         "".join(f"{f}\n" for f, s in zip(files, selected) if s))
     (run_dir / "filenames/removed_filenames.txt").write_text(
         "".join(f"{f}\n" for f, s in zip(files, selected) if not s))
-    write_selection_csv(run_dir / "data/selection.csv", [f for f, s in zip(files, selected) if s],
-                        [float("inf")] + [0.5] * (int(selected.sum()) - 1))
+    write_selection(run_dir, [f for f, s in zip(files, selected) if s],
+                    [float("inf")] + [0.5] * (int(selected.sum()) - 1))
     (run_dir / "filenames/corrupt_filenames.txt").write_text("broken.png\tempty file (0 bytes)\n")
     (run_dir / "filenames/duplicate_filenames.txt").write_text(
         "red/copy_a.png\tred/red_00.png\nred/copy_b.png\tred/red_00.png\n")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from app.sampling.coreset import normalize_rows, select_coreset
-from app.sampling.select import select_random, target_count
+from app.sampling.samplers.random import select_random
+from app.sampling.select import target_count
 
 
 def reference_k_center(points: np.ndarray, k: int, first: int, min_distance: float = -1.0):

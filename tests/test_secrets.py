@@ -39,7 +39,7 @@ def test_token_file_is_read_when_the_variable_is_absent(tmp_path, monkeypatch):
 
 
 def test_missing_token_file_is_a_user_error_naming_the_variable(tmp_path, monkeypatch):
-    from app.config import UserError
+    from app.errors import UserError
 
     monkeypatch.setenv("THRESHER_TOKEN_FILE", str(tmp_path / "absent"))
     with pytest.raises(UserError, match="THRESHER_TOKEN_FILE"):

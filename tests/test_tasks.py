@@ -12,12 +12,22 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from app.config import UserError
 from app.data.scan import list_images, resolve_input_dir
 from app.data.shapes import ensure_shapes
+from app.errors import UserError
 from app.train.annotations import load_annotations, split_annotated
-from app.train.metrics import DEFAULT_KEYPOINT_SIGMA, make_evaluator
-from app.train.task_models import build_model, move_batch, predict, training_loss
+from app.train.metrics import DEFAULT_KEYPOINT_SIGMA
+from app.train.tasks import spec_for
+
+
+def build_model(task: str, *args, **kwargs):
+    """The task spec builds its model."""
+    return spec_for(task).build_model(*args, **kwargs)
+
+
+def make_evaluator(task: str, annotations):
+    """The task spec makes its evaluator."""
+    return spec_for(task).make_evaluator(annotations)
 
 
 def coco_cfg(path: Path):
@@ -216,17 +226,18 @@ def test_each_task_model_builds_takes_a_training_step_and_predicts(task, name, c
         model.rpn._pre_nms_top_n = model.rpn._post_nms_top_n = dict(training=32, testing=32)
         model.roi_heads.fg_bg_sampler.batch_size_per_image = 16
         model.roi_heads.detections_per_img = 4
-    images, targets = move_batch(*tiny_batch(task), torch.device("cpu"))
+    spec = spec_for(task)
+    images, targets = spec.move_batch(*tiny_batch(task), torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
-    loss, parts = training_loss(model, images, targets)
+    loss, parts = spec.training_loss(model, images, targets)
     loss.backward()
     optimizer.step()
     assert math.isfinite(loss.item()) and parts and all(math.isfinite(v) for v in parts.values())
     if task == "keypoints":
         assert "loss_keypoint" in parts
 
-    outputs = predict(model, images)
+    outputs = spec.predict(model, images)
     assert model.training  # predict restores the mode it found
     assert len(outputs) == 2
     if task == "classification":

@@ -219,7 +219,7 @@ def test_a_small_dev_shm_falls_back_to_loading_in_the_main_process(caplog):
 
 
 def test_fp16_on_the_cpu_falls_back_to_float32_and_bf16_is_kept():
-    from app.train.loop import autocast_dtype
+    from app.train.setup import autocast_dtype
 
     assert autocast_dtype("fp16", torch.device("cpu")) is None
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
@@ -252,7 +252,7 @@ def test_other_nodes_of_a_multi_node_run_keep_their_own_lock_and_summary(tmp_pat
 
 
 def test_left_and_right_keypoints_swap_names_after_a_flip():
-    from app.train.data import keypoint_flip_index
+    from app.train.tasks.keypoints import keypoint_flip_index
 
     names = ["nose", "left_eye", "right_eye", "left_ear", "right_ear"]
     assert keypoint_flip_index(names) == [0, 2, 1, 4, 3]
@@ -260,7 +260,7 @@ def test_left_and_right_keypoints_swap_names_after_a_flip():
 
 
 def test_validation_by_a_list_of_file_names_or_by_a_seeded_fraction(tmp_path):
-    from app.config import UserError
+    from app.errors import UserError
     from app.train.data import split
 
     files = [f"c/{i}.png" for i in range(10)]

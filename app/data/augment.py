@@ -59,7 +59,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from app.config import CROP_SAMPLING
+from app.data.schema import CROP_SAMPLING
 from app.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 # Per-instance keys besides boxes and keypoints that are filtered along with the boxes.

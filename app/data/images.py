@@ -56,8 +56,9 @@ def as_rgb(image: Image.Image) -> Image.Image:
 class ImageFiles(Dataset):
     """(image tensor or None, label, index, error or None) for each file name under `root`."""
 
-    def __init__(self, root: Path, files: Sequence[str], labels: Sequence[int], transform):
-        self.root, self.files, self.labels, self.transform = Path(root), list(files), list(labels), transform
+    def __init__(self, root: Union[Path, str], files: Sequence[str], labels: Sequence[int], transform):
+        # A bucket URL stays a string: Path would make s3://bucket/prefix s3:/bucket/prefix.
+        self.root, self.files, self.labels, self.transform = root, list(files), list(labels), transform
 
     def __len__(self) -> int:
         return len(self.files)

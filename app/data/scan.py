@@ -19,7 +19,6 @@ never wrong. The same picture re-encoded is a near duplicate; the coreset's min_
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import logging
@@ -33,25 +32,21 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from app import atomic
-from app.config import UserError, is_url, shapes_cache_dir
-from app.data.names import escape_name, name_problem, one_line
+from app import artifacts
+from app.artifacts import (CORRUPT_FILES, DATASET, DUPLICATE_FILES, INPUT_FILES, MISSING_FILES,
+                           UNUSED_FILES, VIDEOS, Dataset)
+from app.data.locations import is_url, shapes_cache_dir
+from app.data.names import escape_name, name_problem
 from app.data.sources import (Source, bounded_map, datasource_state_path, load_seen, open_regular_file, save_seen,
                               source_for, special_file_problem)
 from app.data.video import VIDEO_EXTENSIONS, is_video, scan_video
+from app.errors import UserError
 from app.progress import Progress
 
 log = logging.getLogger("thresher")
 
 # A multi-frame image (an animated GIF, a multi-page TIFF) is used by its first frame.
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-INPUT_FILES = "data/input_files.csv"
-DATASET = "data/dataset.json"
-CORRUPT_FILES = "filenames/corrupt_filenames.txt"
-DUPLICATE_FILES = "filenames/duplicate_filenames.txt"
-MISSING_FILES = "filenames/missing_filenames.txt"
-UNUSED_FILES = "filenames/unused_filenames.txt"
-VIDEOS = "data/videos.json"
 
 
 @dataclass
@@ -79,11 +74,9 @@ def resolve_input_dir(data: DictConfig) -> Union[Path, str]:
         from app.data.shapes import ensure_shapes
 
         return ensure_shapes(shapes_cache_dir(), data.n_images, data.shapes_image_size, data.n_corrupt)
-    if data.name == "oxford_pet":  # only images/ holds inputs; annotations/trimaps/*.png are masks
-        return Path(data.root) / "images"
-    if is_url(data.input_dir):
-        return str(data.input_dir).rstrip("/")
-    return Path(data.input_dir)
+    from app.data.inputs import images_location
+
+    return images_location(data)
 
 
 def list_images(root: Path) -> List[str]:
@@ -319,18 +312,18 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     left_out = {name for name, _ in corrupt} | {name for name, _ in duplicates}
     good = [(f, label) for f, label in zip(files, labels) if f not in left_out]
 
-    atomic.write_csv(run_dir / INPUT_FILES, ["filenames", "labels"], good)
-    atomic.write_json(run_dir / DATASET, {"input_dir": str(source.location), "classes": classes})
-    atomic.write_lines(run_dir / CORRUPT_FILES, (f"{name}\t{one_line(reason)}" for name, reason in corrupt))
-    atomic.write_lines(run_dir / DUPLICATE_FILES, (f"{name}\t{first}" for name, first in duplicates))
-    atomic.write_lines(run_dir / MISSING_FILES, (f"{escape_name(entry)}\t{one_line(why)}" for entry, why in missing))
-    atomic.write_lines(run_dir / UNUSED_FILES, (f"{escape_name(name)}\t{one_line(why)}" for name, why in skipped))
+    artifacts.write_input_files(run_dir, [f for f, _ in good], [label for _, label in good])
+    artifacts.write_dataset(run_dir, Dataset(source.location, classes))
+    artifacts.write_corrupt_files(run_dir, corrupt)
+    artifacts.write_duplicate_files(run_dir, duplicates)
+    artifacts.write_missing_files(run_dir, missing)
+    artifacts.write_unused_files(run_dir, skipped)
     result = ScanResult(n_files=len(files), n_images=len(good), n_corrupt=len(corrupt),
                         n_duplicates=len(duplicates), n_missing=len(missing), n_classes=len(classes),
                         input_dir=str(source.location), n_videos=len(videos), n_video_frames=len(frames),
                         n_unused=len(skipped), n_already_seen=already_seen)
     if videos:
-        atomic.write_json(run_dir / VIDEOS, video_info)
+        artifacts.write_videos(run_dir, video_info)
         result.artifacts.append(VIDEOS)
     if state_path is not None:
         save_seen(state_path, source.location, {**seen, **{name: etag for name, etag in listed if etag}})
@@ -339,18 +332,3 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
              len(videos), source, len(good), len(corrupt), len(duplicates), len(missing), len(skipped),
              UNUSED_FILES, len(classes))
     return result
-
-
-def read_input_files(path: Path) -> Tuple[List[str], List[int]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return [row["filenames"] for row in rows], [int(row["labels"]) for row in rows]
-
-
-def add_corrupt(run_dir: Path, found: List[Tuple[str, str]]) -> None:
-    """Append files that failed later (e.g. while embedding with the check off) to the list."""
-    if not found:
-        return
-    path = run_dir / CORRUPT_FILES
-    existing = atomic.read_lines(path) if path.is_file() else []
-    atomic.write_lines(path, existing + [f"{name}\t{one_line(reason)}" for name, reason in found])

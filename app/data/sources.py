@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import (Any, BinaryIO, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple,
                     TypeVar, Union)
 
-from app.config import URL_PATTERN, URL_PROTOCOLS, is_url
+from app.artifacts import LOCK
+from app.data.locations import URL_PATTERN, as_location, is_url, staging_dir
 from app.data.names import name_problem
 
 T = TypeVar("T")
@@ -27,17 +28,6 @@ R = TypeVar("R")
 CANONICAL_PROTOCOL = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
 # fsspec's own names for the options of each protocol's filesystem.
 FSSPEC_CONFIG_NAMES = {"s3": ("s3", "s3a"), "gs": ("gs", "gcs"), "az": ("az", "abfs", "abfss")}
-# `Path("s3://b/k")` is `s3:/b/k`: artifacts that went through Path get their URL back.
-_PATH_MANGLED_URL = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*):/(?!/)(?P<rest>.*)$")
-
-
-def as_location(root: Union[str, Path]) -> str:
-    """`root` as a plain path string, or as its URL when it is (or was, before `Path`) one."""
-    text = str(root)
-    match = _PATH_MANGLED_URL.match(text)
-    if match and match["protocol"] in URL_PROTOCOLS:
-        return f"{match['protocol']}://{match['rest']}"
-    return text
 
 
 def configure_storage(storage_options: Optional[Dict[str, Any]]) -> None:
@@ -52,6 +42,16 @@ def configure_storage(storage_options: Optional[Dict[str, Any]]) -> None:
         kept = {key: value for key, value in dict(options).items() if value is not None}
         for name in FSSPEC_CONFIG_NAMES.get(protocol, (protocol,)):
             fsspec.config.conf[name] = dict(kept)
+
+
+def configure_storage_for(cfg) -> None:
+    """The run's `storage_options`, when it reaches a bucket (data.input_dir or work_dir): set once
+    by the run in its process (and by each torchrun worker), never by checking a config."""
+    options = cfg.get("storage_options")
+    if options is not None and (is_url(cfg.data.get("input_dir")) or is_url(cfg.get("work_dir"))):
+        from omegaconf import OmegaConf
+
+        configure_storage(OmegaConf.to_container(options, resolve=True))
 
 
 def bounded_map(function: Callable[[T], R], items: Iterable[T], workers: int, window: int = 0) -> Iterator[R]:
@@ -352,19 +352,9 @@ def save_seen(path: str, location: str, objects: Dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# work_dir=s3://...: runs are staged in a local folder and copied up after every stage
+# work_dir=s3://...: runs are staged in a local folder (locations.staging_dir) and copied up after
+# every stage
 # ---------------------------------------------------------------------------------------------
-def staging_dir(work_dir_url: str) -> Path:
-    """The local folder that stands in for a bucket work_dir: $THRESHER_STAGING_DIR, else
-    `<cache>/staging`, then the URL as a path (`s3/bucket/prefix`)."""
-    from app.config import shapes_cache_dir
-
-    base = Path(os.environ["THRESHER_STAGING_DIR"]) if os.environ.get("THRESHER_STAGING_DIR") else (
-        shapes_cache_dir() / "staging")
-    match = URL_PATTERN.match(work_dir_url)
-    return base / match["protocol"] / work_dir_url[match.end():].strip("/")
-
-
 # run directory -> {file: (size, mtime_ns)} as last copied up by this process
 _uploaded: Dict[Path, Dict[Path, Tuple[int, int]]] = {}
 
@@ -405,7 +395,7 @@ def upload_run_directory(run_dir: Path, work_dir_url: str) -> int:
     fs, target = _remote_run_directory(run_dir, work_dir_url)
     sent = _uploaded.setdefault(run_dir, {})
     copied = 0
-    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"):
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK):
         stat = path.stat()
         if sent.get(path) == (stat.st_size, stat.st_mtime_ns):
             continue

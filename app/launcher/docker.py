@@ -2,9 +2,12 @@
 
 Each job runs `thresher <its overrides>` in its own container, with the host's work_dir mounted at
 /data/output and the job's data.input_dir read-only at /data/input, so that its run directory lands
-exactly where a local multirun would put it (`<sweep dir>/<job num>`). Secrets travel by variable
-name through the SDK, GPUs are handed out round-robin as device requests, at most max_parallel
-containers run at once, and SIGINT/SIGTERM stop and remove every container the sweep started.
+exactly where a local multirun would put it (`<sweep dir>/<job num>`). Every other path the job's
+config reads (app.data.inputs: data.root, data.annotations, embeddings, ...) that lies outside those
+two is mounted read-only under /data/inputs, and the job's overrides name the container's paths.
+Secrets travel by variable name through the SDK, GPUs are handed out round-robin as device
+requests, at most max_parallel containers run at once, and SIGINT/SIGTERM stop and remove every
+container the sweep started.
 `sweep_summary.json` in the sweep directory gathers every job's exit code and key metrics.
 """
 from __future__ import annotations
@@ -30,7 +33,8 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from hydra_plugins.thresher_docker_launcher.config import DockerLauncherConf
 from app import atomic
-from app.config import UserError
+from app.artifacts import CONTAINER_LOG, METRICS_JSON, SUMMARY
+from app.errors import UserError
 from app.secrets import redact, register_secret
 
 log = logging.getLogger("thresher.launcher")
@@ -38,9 +42,10 @@ log = logging.getLogger("thresher.launcher")
 CONTAINER_WORK_DIR = "/data/output"
 CONTAINER_INPUT_DIR = "/data/input"
 CONTAINER_RUN_DIR = "/data/run"  # the job's run directory, when it lies outside work_dir
+# Any other path a job reads: /data/inputs/<config key> (a folder), /data/inputs/<config key>/<name> (a file).
+CONTAINER_INPUTS_DIR = "/data/inputs"
 SECRETS_DIR = "/run/secrets"
 SWEEP_SUMMARY = "sweep_summary.json"
-CONTAINER_LOG = "container.log"
 LABEL_LAUNCHER = "thresher.launcher"
 LABEL_SWEEP_DIR = "thresher.sweep_dir"
 LABEL_JOB = "thresher.job_num"
@@ -92,6 +97,21 @@ class LauncherOptions(DockerLauncherConf):
 # ---------------------------------------------------------------------------------------------
 # One job: where it runs and what the container gets
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputMount:
+    """A host folder or file a job reads, mounted read-only at `target`."""
+    source: Path
+    target: str
+
+
+@dataclass
+class InputPlan:
+    """What a job's container gets for the paths its config reads: the mounts beyond /data/input
+    and /data/output, and each config key's path in the container."""
+    mounts: List[InputMount]
+    values: Dict[str, str]
+
+
 @dataclass
 class Job:
     num: int
@@ -103,6 +123,7 @@ class Job:
     container_run_dir: str
     command: List[str]
     config: DictConfig = field(repr=False, default=None)
+    input_mounts: List[InputMount] = field(default_factory=list)
 
     @property
     def log_path(self) -> Path:
@@ -116,11 +137,29 @@ def _key_of(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+# In a quoted Hydra value a backslash escapes only a quote, `${` (else an interpolation), or the
+# backslashes before those and before the closing quote; anywhere else it is itself.
+_HYDRA_ESCAPED = re.compile(r"(\\*)('|\$\{|$)")
+
+
 def _hydra_value(text: str) -> str:
     """A path as a Hydra override value: quoted when it holds characters the grammar treats specially."""
     if re.fullmatch(r"[\w./:-]+", text):
         return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "'" + _HYDRA_ESCAPED.sub(lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), text) + "'"
+
+
+def _host_path(value: str) -> Path:
+    """A path from the job's config as the host reads it: `~` expanded, relative to the launch folder."""
+    return Path(os.path.abspath(os.path.expanduser(value)))
+
+
+def _container_path(path: Path, mapping: Sequence[Tuple[Path, str]]) -> Optional[str]:
+    """Where the container sees host `path`: under the first mount that holds it (or is it); None if none does."""
+    for host_dir, container_dir in mapping:
+        if path == host_dir or host_dir in path.parents:
+            return str(Path(container_dir) / path.relative_to(host_dir))
+    return None
 
 
 def _translate_path(value: str, mapping: Sequence[Tuple[Path, str]]) -> str:
@@ -128,20 +167,47 @@ def _translate_path(value: str, mapping: Sequence[Tuple[Path, str]]) -> str:
     raw = value.strip("'\"")
     if not raw.startswith(("/", "~")):
         return value
-    path = Path(os.path.abspath(os.path.expanduser(raw)))
-    for host_dir, container_dir in mapping:
-        if path == host_dir or host_dir in path.parents:
-            return _hydra_value(str(Path(container_dir) / path.relative_to(host_dir)))
-    return value
+    translated = _container_path(_host_path(raw), mapping)
+    return value if translated is None else _hydra_value(translated)
+
+
+def plan_input_mounts(inputs: Sequence[Tuple[str, Path, str]], mounted: Sequence[Tuple[Path, str]]) -> InputPlan:
+    """Container paths for the host paths a job reads, given as (config key, absolute host path,
+    folder or file). A path under a folder already mounted (`mounted`: host folder, container
+    folder; the first that holds it wins) is only translated. Otherwise the outermost of the
+    folders, and each file outside them, gets a read-only mount of its own, named for the first
+    key that reads it: /data/inputs/<key>, or /data/inputs/<key>/<file name>; a path inside
+    another, or named twice, is mounted once. A path that does not exist on the host is left
+    as it is, so that the job's own config check names it."""
+    from app.data.inputs import FILE
+
+    own: List[Tuple[Path, str]] = []
+    candidates = [(key, path, kind) for key, path, kind in inputs
+                  if _container_path(path, mounted) is None and path.exists()]
+    for key, path, kind in sorted(candidates, key=lambda item: len(item[1].parts)):  # outermost first
+        if _container_path(path, own) is None:
+            target = f"{CONTAINER_INPUTS_DIR}/{key}"
+            own.append((path, f"{target}/{path.name}" if kind == FILE else target))
+    mapping = [*mounted, *own]
+    values = {}
+    for key, path, _ in inputs:
+        translated = _container_path(path, mapping)
+        if translated is not None:
+            values[key] = translated
+    return InputPlan(mounts=[InputMount(source, target) for source, target in own], values=values)
 
 
 def container_command(overrides: Sequence[str], host_work_dir: Path, host_input_dir: Optional[Path],
-                      container_run_dir: str) -> List[str]:
-    """The job's overrides for `thresher` in the container, pointed at the mounts."""
-    mapping = [(host_work_dir, CONTAINER_WORK_DIR)]
+                      container_run_dir: str, inputs: Optional[InputPlan] = None) -> List[str]:
+    """The job's overrides for `thresher` in the container, pointed at the mounts: work_dir,
+    data.input_dir and every key of `inputs` set to the container's path, and any other absolute
+    host path under a mount translated."""
+    inputs = inputs or InputPlan(mounts=[], values={})
+    mapping = [(host_work_dir, CONTAINER_WORK_DIR), *((m.source, m.target) for m in inputs.mounts)]
     if host_input_dir is not None:
         mapping.insert(0, (host_input_dir, CONTAINER_INPUT_DIR))
-    replaced = {"work_dir", "hydra.run.dir"} | ({"data.input_dir"} if host_input_dir is not None else set())
+    replaced = {"work_dir", "hydra.run.dir", *inputs.values} | \
+        ({"data.input_dir"} if host_input_dir is not None else set())
     command = []
     for override in overrides:
         if _key_of(override) in replaced:
@@ -151,13 +217,15 @@ def container_command(overrides: Sequence[str], host_work_dir: Path, host_input_
     command.append(f"work_dir={CONTAINER_WORK_DIR}")
     if host_input_dir is not None:
         command.append(f"data.input_dir={CONTAINER_INPUT_DIR}")
+    command += [f"{key}={_hydra_value(value)}" for key, value in inputs.values.items()]
     command.append(f"hydra.run.dir={_hydra_value(container_run_dir)}")
     return command
 
 
 def plan_job(sweep_config: DictConfig, overrides: Sequence[str], num: int) -> Job:
-    """Where job `num` of the sweep writes on the host and in the container."""
-    from app.config import is_url
+    """Where job `num` of the sweep writes and reads, on the host and in the container."""
+    from app.data.inputs import run_inputs
+    from app.data.locations import is_url
 
     if is_url(sweep_config.work_dir):
         raise UserError(f"work_dir={sweep_config.work_dir} is a bucket: hydra/launcher=docker mounts a "
@@ -179,11 +247,17 @@ def plan_job(sweep_config: DictConfig, overrides: Sequence[str], num: int) -> Jo
         container_run_dir = str(Path(CONTAINER_WORK_DIR) / host_run_dir.relative_to(host_work_dir))
     else:  # hydra.sweep.dir set outside work_dir: the run directory gets a mount of its own
         container_run_dir = CONTAINER_RUN_DIR
+    mounted = [(host_work_dir, CONTAINER_WORK_DIR)]
+    if host_input_dir is not None:
+        mounted.insert(0, (host_input_dir, CONTAINER_INPUT_DIR))
+    # Every other path the job reads (a bucket URL is the job's to read) goes in with it.
+    inputs = plan_input_mounts([(path.key, _host_path(path.value), path.kind) for path in run_inputs(sweep_config)
+                                if path.key != "data.input_dir" and not path.is_url], mounted)
     return Job(num=num, overrides=list(overrides), sweep_dir=sweep_dir, host_run_dir=host_run_dir,
                host_work_dir=host_work_dir, host_input_dir=host_input_dir,
                container_run_dir=container_run_dir,
-               command=container_command(overrides, host_work_dir, host_input_dir, container_run_dir),
-               config=sweep_config)
+               command=container_command(overrides, host_work_dir, host_input_dir, container_run_dir, inputs),
+               config=sweep_config, input_mounts=inputs.mounts)
 
 
 def secret_environment(names: Sequence[str], environ: Dict[str, str]) -> Tuple[Dict[str, str], List[Any]]:
@@ -232,6 +306,8 @@ def container_kwargs(job: Job, options: LauncherOptions, gpu_ids: Sequence[str],
     if job.host_input_dir is not None:
         mounts.append(Mount(target=CONTAINER_INPUT_DIR, source=str(job.host_input_dir), type="bind",
                             read_only=True))
+    mounts += [Mount(target=mount.target, source=str(mount.source), type="bind", read_only=True)
+               for mount in job.input_mounts]
     mounts += [*secret_mounts, *(parse_volume(spec) for spec in options.volumes)]
     kwargs: Dict[str, Any] = dict(
         image=options.image,
@@ -516,7 +592,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
 def job_metrics(run_dir: Path) -> Dict[str, Any]:
     """Every number a job reported: summary.json's stages.<stage>.* and metrics.json's, read
     defensively since their keys change with the stages."""
-    summary = _read_json(run_dir / "summary.json")
+    summary = _read_json(run_dir / SUMMARY)
     metrics: Dict[str, Any] = {}
     stages = summary.get("stages")
     if isinstance(stages, dict):
@@ -524,13 +600,13 @@ def job_metrics(run_dir: Path) -> Dict[str, Any]:
             metrics.update(_numbers(details, f"{stage}."))
     if _is_number(summary.get("duration_s")):
         metrics["duration_s"] = summary["duration_s"]
-    metrics.update(_numbers(_read_json(run_dir / "metrics.json"), "metrics."))
+    metrics.update(_numbers(_read_json(run_dir / METRICS_JSON), "metrics."))
     return metrics
 
 
 def summary_row(outcome: JobOutcome) -> Dict[str, Any]:
     job = outcome.job
-    run_status = _read_json(job.host_run_dir / "summary.json").get("status")
+    run_status = _read_json(job.host_run_dir / SUMMARY).get("status")
     row = {"job": job.num, "overrides": [redact(o) for o in job.overrides], "status": outcome.status,
            "exit_code": outcome.exit_code, "run_status": run_status, "run_directory": str(job.host_run_dir),
            "log": str(job.log_path), "container": outcome.container, "gpus": outcome.gpus,
@@ -581,7 +657,11 @@ def check_image(client: Any, image: str) -> None:
 
 
 def job_return(job: Job, outcome: JobOutcome) -> Any:
+    """Hydra's record of a job: a finished job returns its key metric, as a local job does, so
+    sweepers (Optuna) work with containers too."""
     from hydra.core.utils import JobReturn, JobStatus
+
+    from app.run import key_metric_of
 
     task_cfg = copy.deepcopy(job.config)
     with read_write(task_cfg), open_dict(task_cfg):
@@ -591,7 +671,7 @@ def job_return(job: Job, outcome: JobOutcome) -> Any:
     return JobReturn(overrides=list(job.overrides), cfg=task_cfg, hydra_cfg=job.config,
                      working_dir=str(job.host_run_dir), task_name=str(job.config.hydra.job.name),
                      status=JobStatus.COMPLETED if finished else JobStatus.FAILED,
-                     _return_value=outcome.exit_code if finished else
+                     _return_value=key_metric_of(job.host_run_dir) if finished else
                      JobFailed(f"job {job.num} {reason}; its log: {job.log_path}"))
 
 

@@ -3,10 +3,10 @@ batch size and number of loader workers.
 
 Every setting of the sweep (profile.num_workers x profile.batch_sizes) gets a fresh DataLoader,
 `warmup_steps` unmeasured steps (cuDNN autotuning, torch.compile, worker start-up, the caching
-allocator), then `steps` measured ones. A step is what the train stage does (the same model,
-transforms, loader settings and `train_step`) or, for infer and latency, a forward pass whose
-results reach the host. Each step's time is split into the wait for the batch and the compute,
-with the device synchronised before the clock is read.
+allocator), then `steps` measured ones. A step is what the train stage does (the same
+app.train.setup.TrainingSetup: model, transforms, loader settings and `train_step`) or, for infer
+and latency, a forward pass whose results reach the host. Each step's time is split into the wait
+for the batch and the compute, with the device synchronised before the clock is read.
 
 Writes `profile/measurements.json` after every setting (a rerun of an interrupted sweep keeps
 those and measures the rest), `profile/traces/*.json` with profile.trace=true, and the profile
@@ -15,7 +15,6 @@ section of report.json / report.html with plots.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import hashlib
 import json
@@ -29,18 +28,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
-from app import atomic
-from app.config import TASK_DATA, UserError, embedding_model_name
+from app import artifacts, atomic
+from app.artifacts import MEASUREMENTS, TRACES
+from app.config import embedding_model_name
+from app.errors import UserError
 from app.profile.measure import MB, ResourceSampler, is_out_of_memory, percentiles, synchronize
 from app.profile.recommend import FAILED, OK, OOM, recommend
 from app.progress import Progress
+from app.train.data import TrainingData
+from app.train.setup import TrainingSetup
+from app.train.tasks import spec_for
 
 log = logging.getLogger("thresher")
-
-MEASUREMENTS = "profile/measurements.json"
-TRACES = "profile/traces"
-# torchvision's head sizes, for inference on data without labels: ImageNet, COCO, COCO person.
-DEFAULT_HEADS = {"classification": (1000, 0), "detection": (91, 0), "keypoints": (2, 17)}
 
 
 @dataclass
@@ -55,17 +54,6 @@ class ProfileResult:
     artifacts: List[str] = field(default_factory=list)
 
 
-@dataclass
-class ProfileData:
-    """The images to feed and what the model needs to know of their labels."""
-    input_dir: Path
-    files: List[str]
-    targets: List[Any]
-    classes: List[str]
-    num_keypoints: int = 0
-    keypoint_flip_index: Optional[List[int]] = None
-
-
 def profile_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> ProfileResult:
     from app.report.profile import write_profile_report
     from app.train.loop import set_determinism
@@ -73,8 +61,9 @@ def profile_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> Profi
     profile, mode = cfg.profile, cfg.profile.mode
     set_determinism(cfg.trainer.deterministic, device)
     data = profiling_data(cfg, run_dir)
-    step, release = build_step(cfg, data, device)
-    dataset, collate = build_dataset(cfg, data)
+    setup = TrainingSetup.build(cfg, data, device, train=mode == "train")
+    step, release = build_step(setup)
+    dataset = setup.dataset(train=mode == "train")
     settings = sweep_settings(cfg, device)
     fingerprint = measurement_fingerprint(cfg, device)
     measured = earlier_measurements(run_dir, fingerprint)
@@ -88,8 +77,8 @@ def profile_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> Profi
             log.info("profile: batch %d, %d workers: measured before the interruption, kept", batch_size, num_workers)
             continue
         trace_path = run_dir / TRACES / f"{mode}_batch{batch_size}_workers{num_workers}.json" if profile.trace else None
-        row = measure_setting(step, release, dataset, collate, list(range(len(data.files))), batch_size,
-                              num_workers, cfg, device, trace_path)
+        row = measure_setting(step, release, setup, dataset, list(range(len(data.files))), batch_size,
+                              num_workers, cfg, trace_path)
         measured[(batch_size, num_workers)] = row
         atomic.write_json(run_dir / MEASUREMENTS, {"fingerprint": fingerprint, "device": str(device),
                                                    "rows": list(measured.values())})
@@ -125,80 +114,40 @@ def profile_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> Profi
 # ---------------------------------------------------------------------------------------------
 # What is fed and what runs
 # ---------------------------------------------------------------------------------------------
-def profiling_data(cfg: DictConfig, run_dir: Path) -> ProfileData:
+def profiling_data(cfg: DictConfig, run_dir: Path) -> TrainingData:
     """The scanned (and selected) images with their labels. Training needs labels; inference runs
     on unlabelled images too, with torchvision's default head size."""
-    from app.data.scan import DATASET
-    from app.train.data import keypoint_flip_index, selected_files, training_data
+    from app.train.data import selected_files, training_data
 
-    task = cfg.model.task
-    folder_classes = json.loads((run_dir / DATASET).read_text())["classes"]
-    labelled = cfg.data.name in TASK_DATA[task] and not (cfg.data.name == "folder" and len(folder_classes) < 2)
+    task = spec_for(cfg.model.task)
+    folder_classes = artifacts.read_dataset(run_dir).classes
+    labelled = cfg.data.name in task.data_formats and not (cfg.data.name == "folder" and len(folder_classes) < 2)
     if cfg.profile.mode == "train" or labelled:
-        data = training_data(cfg, run_dir)
-        flip = keypoint_flip_index(data.annotations.keypoint_names) if task == "keypoints" else None
-        return ProfileData(data.input_dir, data.files, data.targets, data.classes, data.num_keypoints, flip)
+        return training_data(cfg, run_dir)
     input_dir, files, _, _ = selected_files(run_dir)
     if not files:
         raise UserError(f"no usable images to profile in {input_dir}: see filenames/corrupt_filenames.txt")
-    num_classes, num_keypoints = DEFAULT_HEADS[task]
+    num_classes, num_keypoints = task.default_head
     log.info("profile: data=%s has no %s labels; inferring with torchvision's default head (%d classes)",
-             cfg.data.name, task, num_classes)
-    return ProfileData(input_dir, files, [0] * len(files), [f"class_{i}" for i in range(num_classes)], num_keypoints)
+             cfg.data.name, task.name, num_classes)
+    return TrainingData(input_dir, [f"class_{i}" for i in range(num_classes)], files, [0] * len(files),
+                        train_index=list(range(len(files))), val_index=[], num_keypoints=num_keypoints)
 
 
-def build_dataset(cfg: DictConfig, data: ProfileData):
-    """The train stage's dataset (training augmentations in train mode, the validation transform
-    otherwise) and its collate function."""
-    from app.data.augment import build_transform, input_size_ok
-    from app.train.data import TrainingImages, make_collate
-    from app.train.task_models import expects_normalized_images
+def build_step(setup: TrainingSetup) -> Tuple[Callable, Callable]:
+    """(step(images, targets), release()): the train stage's training step, or (a setup built
+    without training) one forward pass with its results moved to the host; release() frees what a
+    failed step held."""
+    from app.train.loop import to_device
 
-    train = cfg.profile.mode == "train"
-    transform = build_transform(cfg.data.augment, cfg.data.image_size, train=train,
-                                normalize=expects_normalized_images(cfg.model.task),
-                                keypoint_flip_index=data.keypoint_flip_index if train else None)
-    size_ok = functools.partial(input_size_ok, augment=cfg.data.augment) if train else None
-    dataset = TrainingImages(data.input_dir, data.files, data.targets, transform, size_ok=size_ok)
-    return dataset, make_collate(cfg.model.task, data.targets)
+    if setup.optimizer is not None:
+        return setup.train_step, lambda: setup.optimizer.zero_grad(set_to_none=True)
 
-
-def build_step(cfg: DictConfig, data: ProfileData, device: torch.device) -> Tuple[Callable, Callable]:
-    """(step(images, targets), release()): one training step as the train stage takes it, or one
-    forward pass with its results moved to the host; release() frees what a failed step held."""
-    from app.train.loop import autocast_dtype, to_device, train_step
-    from app.train.optim import build_optimizer
-    from app.train.task_models import build_model, predict
-
-    trainer = cfg.trainer
-    model = build_model(cfg.model.task, cfg.model.name, len(data.classes), data.num_keypoints, cfg.model.weights,
-                        cfg.data.image_size).to(device)
-    if trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    run = torch.compile(model) if trainer.compile else model
-    amp_dtype = autocast_dtype(trainer.amp, device)
-
-    if cfg.profile.mode == "train":
-        model.train()
-        optimizer = build_optimizer(trainer.optimizer, model.parameters())
-        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-        def step(images, targets) -> None:
-            train_step(run, optimizer, scaler, amp_dtype, images, targets, device, trainer.grad_clip_norm,
-                       trainer.channels_last)
-
-        return step, lambda: optimizer.zero_grad(set_to_none=True)
-
-    model.eval()
     cpu = torch.device("cpu")
 
     @torch.inference_mode()
     def infer(images, _targets) -> None:
-        images = images.to(device, non_blocking=True)
-        if trainer.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = predict(run, images)
+        outputs = setup.predict(images, model=setup.trained)
         to_device(outputs, cpu)  # a prediction is done when its result is on the host
 
     return infer, lambda: None
@@ -246,12 +195,13 @@ def sweep_settings(cfg: DictConfig, device: torch.device) -> List[Tuple[int, int
     return [(batch_size, w) for w in resolved for batch_size in batch_sizes]
 
 
-def measure_setting(step: Callable, release: Callable, dataset, collate, indices: List[int], batch_size: int,
-                    num_workers: int, cfg: DictConfig, device: torch.device, trace_path: Optional[Path]) -> Dict:
+def measure_setting(step: Callable, release: Callable, setup: TrainingSetup, dataset, indices: List[int],
+                    batch_size: int, num_workers: int, cfg: DictConfig, trace_path: Optional[Path]) -> Dict:
     """One setting's row: its measurements, or status oom/failed with the error's first line."""
+    device = setup.device
     row: Dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers}
     try:
-        row.update(run_setting(step, dataset, collate, indices, batch_size, num_workers, cfg, device, trace_path))
+        row.update(run_setting(step, setup, dataset, indices, batch_size, num_workers, cfg, trace_path))
         row["status"] = OK
     except Exception as error:  # an Interrupted (BaseException) stops the sweep instead
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -270,16 +220,13 @@ def measure_setting(step: Callable, release: Callable, dataset, collate, indices
     return row
 
 
-def run_setting(step: Callable, dataset, collate, indices: List[int], batch_size: int, num_workers: int,
-                cfg: DictConfig, device: torch.device, trace_path: Optional[Path]) -> Dict:
-    from app.train.data import loader_settings, model_input_shape
-
-    profile, mode = cfg.profile, cfg.profile.mode
+def run_setting(step: Callable, setup: TrainingSetup, dataset, indices: List[int], batch_size: int,
+                num_workers: int, cfg: DictConfig, trace_path: Optional[Path]) -> Dict:
+    profile, mode, device = cfg.profile, cfg.profile.mode, setup.device
     n_trace = profile.trace_steps if trace_path is not None else 0
-    hardware = OmegaConf.merge(cfg.hardware, {"num_workers": num_workers})
-    settings = loader_settings(hardware, device, batch_size, model_input_shape(cfg.data))
+    settings = setup.loader_settings(batch_size, num_workers)
     batches = CyclingBatches(indices, batch_size, profile.warmup_steps + profile.steps + n_trace, cfg.seed)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **settings)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=setup.collate, **settings)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     waits: List[float] = []
@@ -391,7 +338,8 @@ def batch_size_key(cfg: DictConfig) -> Optional[str]:
     the profiled model is the one that embeds the images; None when thresher has no such key."""
     if cfg.profile.mode == "train":
         return "trainer.batch_size"
-    if cfg.profile.mode == "infer" and cfg.model.task == "classification" and embedding_model_name(cfg) == cfg.model.name:
+    # The embed stage's model is a classifier: equal names mean the profiled one embeds.
+    if cfg.profile.mode == "infer" and embedding_model_name(cfg) == cfg.model.name:
         return "sampler.batch_size"
     return None
 

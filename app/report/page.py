@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from app import atomic
-
-# One report per run: each stage that reports (select, profile) adds its section.
-REPORT_JSON = "report.json"
-REPORT_HTML = "report.html"
+from app.artifacts import REPORT_HTML, REPORT_JSON  # one report per run: select and profile each add a section
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;

@@ -6,13 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
+from app.artifacts import BATCH_LATENCY_PNG, CPU_TIME_PNG, LATENCY_PNG, REPORT_HTML, REPORT_JSON, THROUGHPUT_PNG
 from app.report import plots
-from app.report.page import REPORT_HTML, REPORT_JSON, read_report, write_report_files
-
-THROUGHPUT_PNG = "plots/profile_throughput.png"
-CPU_TIME_PNG = "plots/profile_cpu_time_per_sample.png"
-LATENCY_PNG = "plots/profile_latency.png"
-BATCH_LATENCY_PNG = "plots/profile_latency_vs_batch_size.png"
+from app.report.page import read_report, write_report_files
 
 
 def write_profile_report(run_dir: Path, section: Dict) -> List[str]:

@@ -6,36 +6,22 @@ L2-normalised embeddings, whatever the sampler used, so reports of different run
 """
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from app import atomic
+from app import artifacts
+from app.artifacts import (EMBEDDINGS, NEAREST_PNG, PAIRS_PNG, PAIRWISE_INPUT_PNG, PAIRWISE_SELECTION_PNG, PCA_PNG,
+                           REPORT_HTML, REPORT_JSON, TIMELINE_PNG)
 from app.report.distances import (distance_stats, max_points_for_memory, nearest_neighbours, on_common_bins,
                                   pairwise_histogram, pca_2d)
-from app.report.page import REPORT_HTML, REPORT_JSON, read_report, write_report_files
+from app.report.page import read_report, write_report_files
 
 log = logging.getLogger("thresher")
-
-EMBEDDINGS = "data/embeddings.csv"
-DATASET = "data/dataset.json"
-SELECTION = "data/selection.csv"
-SAMPLED = "filenames/sampled_filenames.txt"
-REMOVED = "filenames/removed_filenames.txt"
-CORRUPT = "filenames/corrupt_filenames.txt"
-DUPLICATES = "filenames/duplicate_filenames.txt"
-
-PAIRWISE_INPUT_PNG = "plots/pairwise_distances_input.png"
-PAIRWISE_SELECTION_PNG = "plots/pairwise_distances_selection.png"
-NEAREST_PNG = "plots/nearest_neighbour_distances.png"
-PCA_PNG = "plots/pca_scatter.png"
-PAIRS_PNG = "plots/example_pairs.png"
-VIDEOS = "data/videos.json"
-TIMELINE_PNG = "plots/video_sampling_timeline.png"
 
 
 @dataclass
@@ -49,28 +35,21 @@ class ReportResult:
     artifacts: List[str] = field(default_factory=list)
 
 
-def _lines(path: Path) -> List[str]:
-    return atomic.read_lines(path) if path.is_file() else []
-
-
 def _input_dir(run_dir: Path) -> Optional[str]:
-    """The scan's input folder or bucket URL (kept a string: a Path would spoil the URL)."""
-    path = run_dir / DATASET
-    if not path.is_file():
+    """The scan's input folder or bucket URL; None before a scan."""
+    if not (run_dir / artifacts.DATASET).is_file():
         return None
-    input_dir = json.loads(path.read_text(encoding="utf-8")).get("input_dir")
-    return str(input_dir) if input_dir else None
+    return artifacts.read_dataset(run_dir).location or None
 
 
-def video_selections(run_dir: Path, sampled: List[str]) -> Dict[str, dict]:
+def video_selections(run_dir: Path, sampled: List[str], videos: Dict[str, dict]) -> Dict[str, dict]:
     """For each input video (data/videos.json): its usable frames and the selected ones, by number."""
     from app.data.video import parse_frame_name
 
-    videos = json.loads((run_dir / VIDEOS).read_text(encoding="utf-8"))
     found = {video: {"n_frames": info["n_frames"], "fps": info.get("fps"), "frames": [], "selected_frames": []}
              for video, info in videos.items()}
     chosen = set(sampled)
-    for name in _lines(run_dir / "filenames/removed_filenames.txt") + sampled:
+    for name in artifacts.read_removed(run_dir) + sampled:
         frame = parse_frame_name(name)
         if frame is not None and frame[0] in found:
             found[frame[0]]["frames"].append(frame[1])
@@ -84,14 +63,7 @@ def video_selections(run_dir: Path, sampled: List[str]) -> Dict[str, dict]:
 
 def _last_pick_distance(run_dir: Path) -> Optional[float]:
     """The coreset's last pick distance: every removed image lies within it of a selected one."""
-    import csv
-
-    path = run_dir / SELECTION
-    if not path.is_file():
-        return None
-    with open(path, newline="", encoding="utf-8") as handle:
-        values = [row["distance"] for row in csv.DictReader(handle) if row.get("distance")]
-    finite = [float(v) for v in values if np.isfinite(float(v))]
+    finite = [d for _, d in artifacts.read_selection(run_dir) or [] if d is not None and math.isfinite(d)]
     return round(finite[-1], 6) if finite else None
 
 
@@ -106,8 +78,8 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
     `show_video_sampling_timeline`: with video input, plot which frames of each video were selected.
     """
     run_dir = Path(run_dir)
-    sampled, removed = _lines(run_dir / SAMPLED), _lines(run_dir / REMOVED)
-    corrupt, duplicates = _lines(run_dir / CORRUPT), _lines(run_dir / DUPLICATES)
+    sampled, removed = artifacts.read_sampled(run_dir) or [], artifacts.read_removed(run_dir)
+    corrupt, duplicates = artifacts.read_corrupt_files(run_dir), artifacts.read_duplicate_files(run_dir)
     streams = np.random.SeedSequence(seed).spawn(4)
     random_rng, input_rng, selection_rng, scatter_rng = (np.random.default_rng(s) for s in streams)
 
@@ -117,18 +89,18 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
     subsampled = False
     n_candidates = len(sampled) + len(removed)
 
-    model_file = run_dir / "data/embedding_model.json"
-    if model_file.is_file():
-        report["embedding_model"] = json.loads(model_file.read_text())
-        if report["embedding_model"].get("randomly_initialised"):
-            notes.append(f"The embedding backbone ({report['embedding_model']['model']}) was RANDOMLY "
+    embedding_model = artifacts.read_embedding_model(run_dir)
+    if embedding_model is not None:
+        report["embedding_model"] = asdict(embedding_model)
+        if embedding_model.randomly_initialised:
+            notes.append(f"The embedding backbone ({embedding_model.model}) was RANDOMLY "
                          f"INITIALISED: no model.weights, no checkpoint, no enable_training. The distances "
                          f"below describe random features; give weights for a meaningful selection.")
     if not (run_dir / EMBEDDINGS).is_file():
         notes.append(f"No {EMBEDDINGS} in this run: distances and plots need the embed stage.")
     else:
         from app.sampling.coreset import normalize_rows
-        from app.sampling.embed import read_embeddings_csv
+        from app.sampling.embeddings_io import read_embeddings_csv
 
         files, embeddings, _ = read_embeddings_csv(run_dir / EMBEDDINGS)
         points = normalize_rows(embeddings.astype(np.float32))
@@ -206,8 +178,9 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
                                    f"selected image, each beside that image, with their distance.")
         report["plots"] = list(captions)
 
-    if (run_dir / VIDEOS).is_file():
-        videos = video_selections(run_dir, sampled)
+    input_videos = artifacts.read_videos(run_dir)
+    if input_videos is not None:
+        videos = video_selections(run_dir, sampled, input_videos)
         report["videos"] = {video: {"n_frames": v["n_frames"], "fps": v["fps"], "n_usable": len(v["frames"]),
                                     "selected_frames": v["selected_frames"]} for video, v in videos.items()}
         if show_video_sampling_timeline and videos:

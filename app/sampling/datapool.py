@@ -30,7 +30,9 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from app import atomic
-from app.config import UserError
+from app.artifacts import read_run_id
+from app.errors import UserError
+from app.sampling.embeddings_io import read_embeddings_csv, write_embeddings_csv
 
 log = logging.getLogger("thresher")
 
@@ -72,8 +74,6 @@ class Datapool:
 def run_id_for(run_dir: Path) -> str:
     """The run an update belongs to (the id in the run directory's marker): rerunning that run's
     select, or the run after overwrite=true, replaces its members."""
-    from app.run import read_run_id
-
     return read_run_id(run_dir) or Path(run_dir).name
 
 
@@ -113,8 +113,6 @@ def commit_run_selection(pool: Datapool, run_id: str, files: List[str], embeddin
                          labels: List[int], keep_history: bool) -> int:
     """Make `pool` (from `locked_datapool`, inside its block) plus this run's selection the pool's
     new state; with keep_history, the previous state goes to history/ first. Returns the size."""
-    from app.sampling.embed import write_embeddings_csv
-
     if not pool.members.isdisjoint(files) or _first_repeated(files) is not None:
         raise ValueError(f"datapool {pool.folder}: the selection would put a file into the pool twice")
     folder = pool.folder
@@ -191,8 +189,6 @@ def _empty(folder: Path) -> Datapool:
 
 def _read(folder: Path) -> Datapool:
     """Read both files and check that they agree; a pool that does not is refused, not repaired."""
-    from app.sampling.embed import read_embeddings_csv
-
     if not (folder / EMBEDDINGS).is_file():
         if (folder / MEMBERS).is_file():
             raise _unusable(folder, f"{MEMBERS} has no {EMBEDDINGS} beside it")

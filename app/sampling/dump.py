@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from PIL import Image
 
@@ -12,8 +12,6 @@ from app.data.images import open_image
 from app.progress import Progress
 
 log = logging.getLogger("thresher")
-
-SAMPLED_IMAGES = "sampled"
 
 
 def resized(image: Image.Image, size: Optional[Tuple[int, ...]]) -> Image.Image:
@@ -28,7 +26,7 @@ def resized(image: Image.Image, size: Optional[Tuple[int, ...]]) -> Image.Image:
                         Image.Resampling.BICUBIC)
 
 
-def dump_images(input_dir: Path, files: List[str], target: Path, size: Optional[Tuple[int, ...]],
+def dump_images(input_dir: Union[Path, str], files: List[str], target: Path, size: Optional[Tuple[int, ...]],
                 image_format: str) -> List[Tuple[str, str]]:
     """Write each file to target/<same relative path>.<format>; returns (file, reason) failures."""
     image_format = image_format.lower()

@@ -15,19 +15,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from app import atomic
-from app.config import UserError, embedding_model_name
+from app import artifacts
+from app.artifacts import EMBEDDING_MODEL, EMBEDDINGS, EmbeddingModel
+from app.config import embedding_model_name
 from app.data.images import ImageFiles, image_transform, make_loader
-from app.data.scan import DATASET, INPUT_FILES, add_corrupt, read_input_files
 from app.device import loader_workers
+from app.errors import UserError
 from app.models import build_backbone
 from app.progress import Progress
+from app.sampling.embeddings_io import read_embeddings_csv, write_embeddings_csv
 
 log = logging.getLogger("thresher")
-
-EMBEDDINGS = "data/embeddings.csv"
-# Which backbone made the embeddings; the report warns when it was randomly initialised.
-EMBEDDING_MODEL = "data/embedding_model.json"
 
 
 @dataclass
@@ -42,14 +40,12 @@ class EmbedResult:
 
 
 def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedResult:
-    import json
-
-    files, labels = read_input_files(run_dir / INPUT_FILES)
+    files, labels = artifacts.read_input_files(run_dir)
     if cfg.datapool.name:
         files, labels = not_yet_in_datapool(cfg, run_dir, files, labels)
     if cfg.embeddings:
         return use_given_embeddings(Path(cfg.embeddings), files, labels, run_dir)
-    input_dir = Path(json.loads((run_dir / DATASET).read_text())["input_dir"])
+    input_dir = artifacts.read_dataset(run_dir).location
     model_name = embedding_model_name(cfg)
     # The training model's weights fit the backbone only when it is that same classifier.
     weights = cfg.checkpoint or (cfg.model.weights if model_name == cfg.model.name else None)
@@ -59,9 +55,9 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
         from app.sampling.ssl import train_backbone_simclr
 
         ssl_details = train_backbone_simclr(model, dim, cfg, input_dir, files, device, run_dir)
-    atomic.write_json(run_dir / EMBEDDING_MODEL, {
-        "model": model_name, "weights": weights, "self_supervised_epochs": ssl_details.get("ssl_epochs", 0),
-        "randomly_initialised": not weights and not cfg.enable_training})
+    artifacts.write_embedding_model(run_dir, EmbeddingModel(
+        model=model_name, weights=weights, self_supervised_epochs=ssl_details.get("ssl_epochs", 0),
+        randomly_initialised=not weights and not cfg.enable_training))
     model.eval().to(device)
     dataset = ImageFiles(input_dir, files, labels, image_transform(cfg.data.image_size))
     loader = make_loader(dataset, cfg.sampler.batch_size, loader_workers(cfg.hardware.num_workers, device),
@@ -87,7 +83,7 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
         rate = bar.rate
     for name, reason in failures:
         log.warning("image failed to load while embedding, skipped: %s (%s)", name, reason)
-    add_corrupt(run_dir, failures)
+    artifacts.add_corrupt_files(run_dir, failures)
 
     keep = np.flatnonzero(embedded)
     write_embeddings_csv(run_dir / EMBEDDINGS, [files[i] for i in keep], embeddings[keep],
@@ -130,60 +126,3 @@ def use_given_embeddings(path: Path, files: List[str], labels: List[int], run_di
     kept = vectors[[row_of[files[i]] for i in usable]]
     write_embeddings_csv(run_dir / EMBEDDINGS, [files[i] for i in usable], kept, [labels[i] for i in usable])
     return EmbedResult(n_embedded=len(usable), embedding_dim=int(vectors.shape[1]), images_per_s=0.0)
-
-
-def write_embeddings_csv(path: Path, files: List[str], embeddings: np.ndarray, labels: List[int]) -> None:
-    """The lightly format: header `filenames,embedding_0,...,embedding_{D-1},labels`."""
-    header = ["filenames", *(f"embedding_{i}" for i in range(embeddings.shape[1])), "labels"]
-    rows = ([name, *(f"{v:.7g}" for v in vector.tolist()), label]
-            for name, vector, label in zip(files, embeddings, labels))
-    atomic.write_csv(path, header, rows)
-
-
-def read_embeddings_csv(path: Path, strict: bool = False) -> Tuple[List[str], np.ndarray, List[int]]:
-    """Read the lightly format. `strict` (a file the user brought) checks every line and refuses a
-    malformed one with its line number and what is wrong."""
-    import csv
-    import math
-
-    def refuse(line: int, reason: str) -> UserError:
-        return UserError(f"embeddings={str(path)!r} is malformed at line {line}: {reason}")
-
-    # A name that is not UTF-8 reads (surrogate-escaped) as no file the scan uses, instead of failing.
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise refuse(1, "the file is empty; expected the header filenames,embedding_0,...,labels")
-        dim = len(header) - 2
-        if strict and (dim < 1 or header[0] != "filenames" or header[-1] != "labels"
-                       or header[1:-1] != [f"embedding_{i}" for i in range(dim)]):
-            raise refuse(1, f"the header must be filenames,embedding_0,...,embedding_{{D-1}},labels, "
-                            f"not {','.join(header[:3])}{',...' if len(header) > 3 else ''}")
-        files, rows, labels, seen = [], [], [], set()
-        for line, row in enumerate(reader, start=2):
-            if strict:
-                if len(row) != dim + 2:
-                    raise refuse(line, f"{len(row)} fields, the header has {dim + 2}")
-                if not row[0]:
-                    raise refuse(line, "the file name is empty")
-                if row[0] in seen:
-                    raise refuse(line, f"{row[0]!r} appears twice")
-                seen.add(row[0])
-                try:
-                    values = [float(v) for v in row[1:1 + dim]]
-                except ValueError as error:
-                    raise refuse(line, f"not a number: {error}") from None
-                if not all(math.isfinite(v) for v in values):
-                    raise refuse(line, "an embedding value is NaN or infinite")
-                try:
-                    int(row[-1])
-                except ValueError:
-                    raise refuse(line, f"the label {row[-1]!r} is not an integer") from None
-            files.append(row[0])
-            rows.append(row[1:1 + dim])
-            labels.append(int(row[-1]))
-    if strict and not files:
-        raise refuse(2, "the file has a header but no rows")
-    vectors = np.array(rows, dtype=np.float32).reshape(len(rows), dim)
-    return files, vectors, labels

@@ -1,5 +1,10 @@
 """Select stage: choose the images to keep, by `sampler.method` and `sampler.stopping_condition`.
 
+The sampler named by `sampler.method` comes from the registry (app.sampling.samplers); this stage
+does what every sampler shares around its `select`: reading the candidates (embeddings, or the
+scanned file list for a sampler that needs none), near duplicates, normalisation, frame
+sequences, the datapool, the budget, and the artifacts.
+
 Writes `filenames/sampled_filenames.txt` and `filenames/removed_filenames.txt` (input order),
 `data/selection.csv` (pick order, with each pick's distance to the earlier picks for coreset),
 `data/selected_embeddings.csv`; with `dump_dataset`, the selected images under `sampled/`; with a
@@ -7,7 +12,6 @@ Writes `filenames/sampled_filenames.txt` and `filenames/removed_filenames.txt` (
 """
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -17,17 +21,13 @@ from typing import List, Optional
 import numpy as np
 from omegaconf import DictConfig
 
-from app import atomic
-from app.config import UserError, n_samples_kind, output_image_size
-from app.data.scan import DATASET, INPUT_FILES, read_input_files
+from app import artifacts
+from app.artifacts import NEAR_DUPLICATES, REMOVED, SAMPLED, SAMPLED_IMAGES, SELECTED_EMBEDDINGS, SELECTION
+from app.errors import UserError
+from app.sampling.samplers import Candidates, Sampler, get_sampler
+from app.sampling.schema import Budget, output_image_size
 
 log = logging.getLogger("thresher")
-
-SAMPLED = "filenames/sampled_filenames.txt"
-REMOVED = "filenames/removed_filenames.txt"
-SELECTION = "data/selection.csv"
-SELECTED_EMBEDDINGS = "data/selected_embeddings.csv"
-NEAR_DUPLICATES = "filenames/near_duplicate_filenames.txt"
 
 
 @dataclass
@@ -44,30 +44,30 @@ class SelectResult:
 
 def target_count(n_samples, n_candidates: int) -> int:
     """How many to pick: a count, a fraction of the candidates, or all of them when off."""
-    kind = n_samples_kind(n_samples)
-    if kind == "off":
-        return n_candidates
-    if kind == "fraction":
-        # floor, as a fraction of a budget should not round up; the epsilon absorbs 0.29 * 100 = 28.999...
-        return max(1, int(n_samples * n_candidates + 1e-9))
-    if n_samples > n_candidates:
+    return images_to_pick(Budget.parse(n_samples), n_candidates)
+
+
+def images_to_pick(budget: Budget, n_candidates: int) -> int:
+    """`budget.count_for(n_candidates)`, with a warning when a count asks for more than there are."""
+    if budget.count is not None and budget.count > n_candidates:
         log.warning("sampler.stopping_condition.n_samples=%d but only %d images are left: selecting all",
-                    n_samples, n_candidates)
-    return min(int(n_samples), n_candidates)
+                    budget.count, n_candidates)
+    return budget.count_for(n_candidates)
 
 
 def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     method = cfg.sampler.method
+    sampler = get_sampler(method)
     n_datapool = None
-    if method == "none":
-        files, labels = read_input_files(run_dir / INPUT_FILES)
+    if not sampler.needs_embeddings:
+        files, labels = artifacts.read_input_files(run_dir)
         all_files, embeddings, near_duplicates, pool = files, None, None, None
-        picks, distances, stopped_by = list(range(len(files))), None, "none"
-        order = picks
+        picks, distances, stopped_by = choose(cfg, files, None, None, device, sampler)
+        order = sorted(set(picks))
     else:
-        from app.sampling.embed import EMBEDDINGS, read_embeddings_csv
+        from app.sampling.embeddings_io import read_embeddings_csv
 
-        files, embeddings, labels = read_embeddings_csv(run_dir / EMBEDDINGS)
+        files, embeddings, labels = read_embeddings_csv(run_dir / artifacts.EMBEDDINGS)
         all_files = files
         near_duplicates = None
         if cfg.sampler.near_duplicate_distance > 0:
@@ -77,7 +77,7 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
         with locked_datapool_for(cfg, run_dir) as pool:
             if pool is not None:
                 files, embeddings, labels = leave_out_datapool_members(pool, files, embeddings, labels)
-            picks, distances, stopped_by = choose(cfg, files, embeddings, pool, device)
+            picks, distances, stopped_by = choose(cfg, files, embeddings, pool, device, sampler)
             order = sorted(set(picks))
             if pool is not None:
                 from app.sampling.datapool import commit_run_selection, run_id_for
@@ -87,26 +87,25 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
                                                   cfg.datapool.keep_history)
     sampled = [files[i] for i in order]
 
-    atomic.write_lines(run_dir / SAMPLED, sampled)
+    artifacts.write_sampled(run_dir, sampled)
     sampled_set = set(sampled)
-    atomic.write_lines(run_dir / REMOVED, (f for f in all_files if f not in sampled_set))
-    write_selection_csv(run_dir / SELECTION, [files[i] for i in picks], distances)
+    artifacts.write_removed(run_dir, (f for f in all_files if f not in sampled_set))
+    artifacts.write_selection(run_dir, [files[i] for i in picks], distances)
     result = SelectResult(method=method, n_candidates=len(all_files), n_selected=len(picks),
                           stopped_by=stopped_by, n_datapool=n_datapool)
     if near_duplicates is not None:
         result.n_near_duplicates = near_duplicates
         result.artifacts.append(NEAR_DUPLICATES)
     if embeddings is not None and cfg.dump_sampled_embeddings:
-        from app.sampling.embed import write_embeddings_csv
+        from app.sampling.embeddings_io import write_embeddings_csv
 
         write_embeddings_csv(run_dir / SELECTED_EMBEDDINGS, sampled, embeddings[order],
                              [labels[i] for i in order])
         result.artifacts.append(SELECTED_EMBEDDINGS)
     if cfg.dump_dataset:
-        from app.sampling.dump import SAMPLED_IMAGES, dump_images
+        from app.sampling.dump import dump_images
 
-        input_dir = Path(json.loads((run_dir / DATASET).read_text())["input_dir"])
-        failures = dump_images(input_dir, sampled, run_dir / SAMPLED_IMAGES,
+        failures = dump_images(artifacts.read_dataset(run_dir).location, sampled, run_dir / SAMPLED_IMAGES,
                                output_image_size(cfg.output_image_size), cfg.output_image_format)
         result.n_dumped = len(sampled) - len(failures)
         result.artifacts.append(SAMPLED_IMAGES)
@@ -117,7 +116,7 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
                           show_video_sampling_timeline=cfg.report.show_video_sampling_timeline)
     result.artifacts += report.artifacts
     log.info("select: %s kept %d of %d images (stopped by %s); report: %s", method, len(picks), len(all_files),
-             stopped_by, run_dir / "report.html")
+             stopped_by, run_dir / artifacts.REPORT_HTML)
     return result
 
 
@@ -155,54 +154,55 @@ def drop_near_duplicates(cfg: DictConfig, files: List[str], embeddings: np.ndarr
 
     vectors = normalize_rows(embeddings) if cfg.sampler.normalize_embeddings else embeddings
     found = find_near_duplicates(vectors, cfg.sampler.near_duplicate_distance, device)
-    atomic.write_lines(run_dir / NEAR_DUPLICATES, (f"{files[i]}\t{files[j]}\t{d:.6g}" for i, j, d in found))
+    artifacts.write_near_duplicates(run_dir, ((files[i], files[j], d) for i, j, d in found))
     gone = {i for i, _, _ in found}
     keep = [i for i in range(len(files)) if i not in gone]
     log.info("select: %d near duplicates (distance < %g) left out", len(gone), cfg.sampler.near_duplicate_distance)
     return [files[i] for i in keep], embeddings[keep], [labels[i] for i in keep], len(gone)
 
 
-def choose(cfg: DictConfig, files: List[str], embeddings: np.ndarray, pool, device):
-    """(picks in pick order, their distances or None, what stopped the selection)."""
-    from app.sampling.coreset import normalize_rows, select_coreset
-
-    stop = cfg.sampler.stopping_condition
+def choose(cfg: DictConfig, files: List[str], embeddings: Optional[np.ndarray], pool, device,
+           sampler: Optional[Sampler] = None):
+    """(picks in pick order, their distances or None, what stopped the selection), by the sampler
+    that sampler.method names; `embeddings` is None for a sampler that needs none."""
+    sampler = sampler or get_sampler(cfg.sampler.method)
     length = cfg.sampler.selected_sequence_length
-    if cfg.sampler.normalize_embeddings:
+    units = [[i] for i in range(len(files))]
+    if length > 1:
+        from app.sampling.sequences import frame_sequences
+
+        units = frame_sequences(files, length)
+    vectors = pool_vectors = None
+    if sampler.needs_embeddings:
+        vectors, pool_vectors = unit_vectors(cfg, embeddings, units, pool)
+    budget = Budget.parse(cfg.sampler.stopping_condition.n_samples)
+    count = images_to_pick(budget, len(files))
+    n_units = len(units) if budget.is_off else min(-(-count // length), len(units))
+    chosen = sampler.select(Candidates(files, units, vectors), count=n_units, pool=pool_vectors, seed=cfg.seed,
+                            device=device, config=cfg.sampler)
+    picks = [i for unit in chosen.picks for i in units[unit]]
+    distances = chosen.distances
+    if distances is not None and length > 1:
+        distances = [d for unit, d in zip(chosen.picks, distances) for _ in units[unit]]
+    return picks, distances, chosen.stopped_by
+
+
+def unit_vectors(cfg: DictConfig, embeddings: np.ndarray, units: List[List[int]], pool):
+    """One vector per unit (a sequence: the mean of its frames) and the datapool's vectors, both
+    L2-normalised with sampler.normalize_embeddings; the pool's are None without one."""
+    from app.sampling.coreset import normalize_rows
+
+    normalize = cfg.sampler.normalize_embeddings
+    if normalize:
         embeddings = normalize_rows(embeddings)
     pool_vectors = None
     if pool is not None and pool.embeddings is not None:
-        pool_vectors = normalize_rows(pool.embeddings) if cfg.sampler.normalize_embeddings else pool.embeddings
-    units = [[i] for i in range(len(embeddings))]
+        pool_vectors = normalize_rows(pool.embeddings) if normalize else pool.embeddings
     vectors = embeddings
-    if length > 1:
-        from app.sampling.sequences import frame_sequences, sequence_embeddings
+    if cfg.sampler.selected_sequence_length > 1:
+        from app.sampling.sequences import sequence_embeddings
 
-        units = frame_sequences(files, length)
         vectors = sequence_embeddings(embeddings, units)
-        if cfg.sampler.normalize_embeddings:
+        if normalize:
             vectors = normalize_rows(vectors)
-    count = target_count(stop.n_samples, len(embeddings))
-    n_units = len(units) if n_samples_kind(stop.n_samples) == "off" else -(-count // length)
-    if cfg.sampler.method == "random":
-        chosen_units = select_random(len(units), min(n_units, len(units)), cfg.seed)
-        distances, stopped_by = None, "n_samples"
-    else:
-        chosen = select_coreset(vectors, min(n_units, len(units)), stop.min_distance, cfg.seed, device,
-                                pool=pool_vectors)
-        chosen_units, distances, stopped_by = chosen.indices, chosen.distances, chosen.stopped_by
-    picks = [i for unit in chosen_units for i in units[unit]]
-    if distances is not None and length > 1:
-        distances = [d for unit, d in zip(chosen_units, distances) for _ in units[unit]]
-    return picks, distances, stopped_by
-
-
-def select_random(n_candidates: int, count: int, seed: int) -> List[int]:
-    """A uniform sample without replacement; the same seed gives the same sample."""
-    return np.random.default_rng(seed).permutation(n_candidates)[:count].tolist()
-
-
-def write_selection_csv(path: Path, picked_files: List[str], distances: Optional[List[float]]) -> None:
-    rows = ([name, order, "" if distances is None else f"{distances[order]:.6g}"]
-            for order, name in enumerate(picked_files))
-    atomic.write_csv(path, ["filenames", "pick", "distance"], rows)
+    return vectors, pool_vectors

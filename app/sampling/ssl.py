@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from app import atomic
-from app.config import UserError
+from app.artifacts import SSL_CHECKPOINT
 from app.data.images import ImageFiles
 from app.device import loader_workers
+from app.errors import UserError
 from app.progress import Progress
 
 log = logging.getLogger("thresher")
-
-SSL_CHECKPOINT = "checkpoints/ssl_backbone.pt"
 
 
 def collate_views(batch):
@@ -32,7 +31,7 @@ def collate_views(batch):
     return first, second
 
 
-def train_backbone_simclr(backbone: nn.Module, dim: int, cfg: DictConfig, input_dir: Path, files: List[str],
+def train_backbone_simclr(backbone: nn.Module, dim: int, cfg: DictConfig, input_dir: Union[Path, str], files: List[str],
                           device: torch.device, run_dir: Path) -> Dict:
     """Train `backbone` in place; returns the loss per epoch. The result is saved as a state dict."""
     from lightly.loss import NTXentLoss

@@ -4,8 +4,9 @@
 (data=oxford_pet) into one shape the loop, the models and the metrics share: a target per image
 file, keyed by the file name exactly as the scan lists it (a POSIX path relative to the input
 folder). Boxes are XYXY pixels; for detection and keypoints class 0 is "__background__" and the
-labels are 1..C, as torchvision's detection models expect. A broken annotation file is a user
-error naming the file and the problem, never a traceback.
+labels are 1..C, as torchvision's detection models expect. What is read follows the task's spec
+(app.train.tasks): one class per image, or boxes, and keypoints in them. A broken annotation file
+is a user error naming the file and the problem, never a traceback.
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from app.config import UserError
+from app.errors import UserError
+from app.train.tasks import spec_for
 
 log = logging.getLogger("thresher")
 
 BACKGROUND = "__background__"
-TASKS = ("classification", "detection", "keypoints")
 PET_SPECIES = ("cat", "dog")
 # "Abyssinian_100.jpg" -> breed "Abyssinian"; the dataset capitalises cat breeds only.
 _PET_NAME = re.compile(r"^(?P<breed>.+)_(?P<number>\d+)$")
@@ -60,8 +61,7 @@ class Annotations:
 
 def load_annotations(data_cfg: DictConfig, input_dir: Path, task: str) -> Annotations:
     """Read the annotations of data_cfg for `task`; input_dir is the scan's (resolve_input_dir)."""
-    if task not in TASKS:
-        raise UserError(f"model.task={task!r} is not allowed: choose from {', '.join(TASKS)}")
+    spec = spec_for(task)
     input_dir = Path(input_dir)
     if data_cfg.name == "coco":
         annotations = load_coco(Path(data_cfg.annotations), task, key="data.annotations")
@@ -72,11 +72,11 @@ def load_annotations(data_cfg: DictConfig, input_dir: Path, task: str) -> Annota
     else:
         raise UserError(f"data={data_cfg.name} has no boxes or keypoints: model.task={task} needs data=coco, "
                         f"data=oxford_pet or data=shapes (folder data trains classifiers only)")
-    if task != "classification" and len(annotations.classes) < 2:
+    if spec.boxes and len(annotations.classes) < 2:
         raise UserError(f"{annotations.source} names no category: {task} needs at least one")
     log.info("annotations: %d images with targets, %d skipped, %d classes%s from %s",
              len(annotations.targets), len(annotations.skipped), len(annotations.classes),
-             f", {annotations.num_keypoints} keypoints" if task == "keypoints" else "", annotations.source)
+             f", {annotations.num_keypoints} keypoints" if spec.keypoints else "", annotations.source)
     return annotations
 
 
@@ -135,6 +135,7 @@ def load_coco(path: Path, task: str, key: str = "data.annotations") -> Annotatio
     """COCO detection/keypoint JSON: xywh boxes become XYXY, iscrowd annotations are ignored,
     category ids become 1..C in sorted id order, images without annotations are negatives.
     For keypoints only annotations that carry keypoints count."""
+    spec = spec_for(task)
     coco = _read_coco_json(path, key)
     categories = {}
     for category in coco["categories"]:
@@ -144,7 +145,7 @@ def load_coco(path: Path, task: str, key: str = "data.annotations") -> Annotatio
     sorted_ids = sorted(categories)
     names = [str(categories[i].get("name", i)) for i in sorted_ids]
     keypoint_names: List[str] = []
-    if task == "keypoints":
+    if spec.keypoints:
         lists = {len(c.get("keypoints") or []) for c in categories.values() if c.get("keypoints")}
         if not lists:
             raise _bad(path, "no category lists 'keypoints': model.task=keypoints needs keypoint names")
@@ -178,12 +179,12 @@ def load_coco(path: Path, task: str, key: str = "data.annotations") -> Annotatio
             n_crowd += 1
             continue
         file_name = files[annotation["image_id"]]
-        if task == "classification":
+        if not spec.boxes:  # one class per image
             labels[file_name].append(label_of[annotation["category_id"]])
             continue
         x, y, w, h = _numbers(path, f"{where}: 'bbox'", annotation.get("bbox"), 4).tolist()
         points = None
-        if task == "keypoints":
+        if spec.keypoints:
             raw = annotation.get("keypoints")
             if not raw:
                 n_without_keypoints += 1
@@ -210,7 +211,7 @@ def load_coco(path: Path, task: str, key: str = "data.annotations") -> Annotatio
     targets: Dict[str, dict] = {}
     skipped: Dict[str, str] = {}
     for file_name in sorted(set(files.values())):
-        if task == "classification":
+        if not spec.boxes:
             found = sorted(set(labels.get(file_name, [])))
             if len(found) == 1:
                 targets[file_name] = {"label": torch.tensor(found[0], dtype=torch.int64)}
@@ -220,8 +221,8 @@ def load_coco(path: Path, task: str, key: str = "data.annotations") -> Annotatio
                 skipped[file_name] = f"annotations of {len(found)} categories, so no single class"
             continue
         targets[file_name] = _target(boxes.get(file_name, []), labels.get(file_name, []),
-                                     keypoints.get(file_name) if task == "keypoints" else None, num_keypoints)
-    classes = names if task == "classification" else [BACKGROUND, *names]
+                                     keypoints.get(file_name) if spec.keypoints else None, num_keypoints)
+    classes = [BACKGROUND, *names] if spec.boxes else names
     return Annotations(task=task, classes=classes, targets=targets, num_keypoints=num_keypoints,
                        keypoint_names=keypoint_names, skipped=skipped, source=str(path))
 
@@ -289,7 +290,8 @@ def load_oxford_pet(root: Path, images_dir: Path, task: str, class_mode: str = "
     have head boxes: for detection the others are skipped with the reason."""
     from app.data.scan import list_images
 
-    if task == "keypoints":
+    spec = spec_for(task)
+    if spec.keypoints:
         raise UserError("data=oxford_pet has head boxes but no keypoints: use model.task=detection or "
                         "classification, or data=coco with keypoints")
     if class_mode not in ("species", "breed"):
@@ -314,7 +316,7 @@ def load_oxford_pet(root: Path, images_dir: Path, task: str, class_mode: str = "
             continue
         name = species_of.get(stem) or ("cat" if breed[:1].isupper() else "dog")
         label = index[name if class_mode == "species" else breed]
-        if task == "classification":
+        if not spec.boxes:
             targets[file_name] = {"label": torch.tensor(label, dtype=torch.int64)}
             continue
         xml = xml_dir / f"{stem}.xml"
@@ -330,8 +332,8 @@ def load_oxford_pet(root: Path, images_dir: Path, task: str, class_mode: str = "
         targets[file_name] = _target(boxes, [label + 1] * len(boxes), None, 0)
     if n_degenerate:
         log.warning("annotations: %d boxes of zero width or height dropped from %s", n_degenerate, xml_dir)
-    if task == "detection" and files and not targets:
+    if spec.boxes and files and not targets:
         raise UserError(f"data.root={str(root)!r}: none of the {len(files)} images has a head box in {xml_dir} "
                         f"(the Oxford-IIIT Pet layout keeps them as annotations/xmls/<image name>.xml)")
-    return Annotations(task=task, classes=classes if task == "classification" else [BACKGROUND, *classes],
-                       targets=targets, skipped=skipped, source=str(xml_dir if task == "detection" else root))
+    return Annotations(task=task, classes=[BACKGROUND, *classes] if spec.boxes else classes,
+                       targets=targets, skipped=skipped, source=str(xml_dir if spec.boxes else root))

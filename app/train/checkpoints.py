@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from app import atomic
-from app.config import UserError
+from app.artifacts import LAST
+from app.errors import UserError
 
-LAST = "checkpoints/last.pt"
-BEST = "checkpoints/best.pt"
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "batch", "rng", "task", "model_name", "classes")
 
 
@@ -30,10 +29,6 @@ INFERENCE_KEYS = ("model", "epoch", "task", "model_name", "classes", "num_keypoi
 
 def for_inference(state: Dict[str, Any]) -> Dict[str, Any]:
     return {key: state[key] for key in INFERENCE_KEYS if key in state}
-
-
-def epoch_checkpoint(epoch: int) -> str:
-    return f"checkpoints/epoch_{epoch:03d}.pt"
 
 
 def rng_state() -> Dict[str, Any]:

@@ -9,23 +9,21 @@ batches already trained and continue with exactly the ones an uninterrupted run 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from app import atomic
-from app.config import UserError
+from app import artifacts, atomic
 from app.data.images import open_image
-from app.data.scan import DATASET, INPUT_FILES, read_input_files
-from app.sampling.select import SAMPLED
+from app.errors import UserError
+from app.train.tasks import TaskSpec, spec_for
 
 log = logging.getLogger("thresher")
 
@@ -36,10 +34,11 @@ SMALL_SHM_BYTES = 64 * 1024 * 1024
 @dataclass
 class TrainingData:
     """The labelled files of a run, their split, and what the model needs to know of the labels."""
-    input_dir: Path
+    input_dir: str  # a folder or a bucket URL: artifacts.Dataset.location
     classes: List[str]
     files: List[str]
-    # classification: an int label per file; detection/keypoints: a target dict per file.
+    # What the task spec's training_target makes: classification an int label per file,
+    # detection and keypoints a target dict per file.
     targets: List[Any]
     train_index: List[int]
     val_index: List[int]
@@ -48,32 +47,35 @@ class TrainingData:
     left_out: Dict[str, str] = field(default_factory=dict)
 
 
-def selected_files(run_dir: Path) -> Tuple[Path, List[str], List[int], List[str]]:
-    """The scan's usable files (the selection, when the select stage wrote one) with their labels."""
-    files, labels = read_input_files(run_dir / INPUT_FILES)
-    dataset = json.loads((run_dir / DATASET).read_text())
-    if (run_dir / SAMPLED).is_file():
-        selected = set(atomic.read_lines(run_dir / SAMPLED))
+def selected_files(run_dir: Path) -> Tuple[str, List[str], List[int], List[str]]:
+    """(where the images are, the scan's usable files (the selection, when the select stage wrote
+    one), their labels, the class names)."""
+    files, labels = artifacts.read_input_files(run_dir)
+    dataset = artifacts.read_dataset(run_dir)
+    sampled = artifacts.read_sampled(run_dir)
+    if sampled is not None:
+        selected = set(sampled)
         pairs = [(f, label) for f, label in zip(files, labels) if f in selected]
         files, labels = [f for f, _ in pairs], [label for _, label in pairs]
-    return Path(dataset["input_dir"]), files, labels, list(dataset["classes"])
+    return dataset.location, files, labels, list(dataset.classes)
 
 
 def training_data(cfg, run_dir: Path) -> TrainingData:
     """Files, targets and split for `cfg.model.task`; refuses what cannot be trained on."""
     input_dir, files, labels, folder_classes = selected_files(run_dir)
     task = cfg.model.task
+    spec = spec_for(task)
     left_out: Dict[str, str] = {}
     annotations = None
     num_keypoints = 0
-    if task == "classification" and cfg.data.name in ("folder", "shapes"):
+    if cfg.data.name in spec.labels_from_folders:
         classes = folder_classes
         for f, label in zip(files, labels):
             if label < 0:
                 left_out[f] = "outside any class folder"
         kept = [(f, label) for f, label in zip(files, labels) if label >= 0]
         if len(classes) < 2:
-            raise UserError(f"classification needs at least 2 classes, one sub-folder each, in {input_dir}; "
+            raise UserError(f"{task} needs at least 2 classes, one sub-folder each, in {input_dir}; "
                             f"found {len(classes)}: sort the images into class folders, or set model.task")
         files, targets = [f for f, _ in kept], [label for _, label in kept]
     else:
@@ -85,9 +87,7 @@ def training_data(cfg, run_dir: Path) -> TrainingData:
         classes = list(annotations.classes)
         num_keypoints = int(annotations.num_keypoints)
         files, left_out = split_annotated(files, annotations)
-        targets = [annotations.targets[f] for f in files]
-        if task == "classification":
-            targets = [int(target["label"]) for target in targets]
+        targets = [spec.training_target(annotations.targets[f]) for f in files]
     if left_out:
         log.warning("train: %d selected image(s) have no %s label and are left out (e.g. %s: %s)",
                     len(left_out), task, *next(iter(left_out.items())))
@@ -118,25 +118,6 @@ def split(files: Sequence[str], val_fraction: float, val_filenames_file: Optiona
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def keypoint_flip_index(names: Sequence[str]) -> Optional[List[int]]:
-    """After a horizontal flip a left keypoint is the right one: COCO's `left_eye`/`right_eye` (or
-    `eye_left`, `L_eye`...) swap places. None when no name has a partner."""
-    import re
-
-    swaps = [("left", "right"), ("Left", "Right"), ("LEFT", "RIGHT"), ("l_", "r_"), ("L_", "R_")]
-
-    def partner(name: str) -> Optional[str]:
-        for a, b in swaps:
-            for x, y in ((a, b), (b, a)):
-                if x in name:
-                    return re.sub(re.escape(x), y, name, count=1)
-        return None
-
-    position = {name: i for i, name in enumerate(names)}
-    index = [position.get(partner(name) or "", i) for i, name in enumerate(names)]
-    return index if index != list(range(len(names))) else None
-
-
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A distinct, reproducible seed for one sample in one epoch."""
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63)
@@ -147,9 +128,10 @@ class TrainingImages(Dataset):
     with the batch and skipped, never raised. Images outside data.augment's min/max_input_size are
     skipped the same way, with that reason."""
 
-    def __init__(self, input_dir: Path, files: Sequence[str], targets: Sequence[Any], transform: Callable,
+    def __init__(self, input_dir: Union[Path, str], files: Sequence[str], targets: Sequence[Any], transform: Callable,
                  size_ok: Optional[Callable[[int, int], bool]] = None):
-        self.input_dir, self.files, self.targets = Path(input_dir), list(files), list(targets)
+        # A bucket URL stays a string: Path would make s3://bucket/prefix s3:/bucket/prefix.
+        self.input_dir, self.files, self.targets = input_dir, list(files), list(targets)
         self.transform, self.size_ok = transform, size_ok
 
     def __len__(self) -> int:
@@ -181,8 +163,9 @@ def _as_target(target: Any) -> Optional[dict]:
     return {k: v.clone() for k, v in target.items()} if isinstance(target, dict) else None
 
 
-def make_collate(task: str, labels: Sequence[Any]):
-    """Stack images; classification targets become a label tensor, detection targets stay a list."""
+def make_collate(task: TaskSpec, labels: Sequence[Any]):
+    """(images [B,3,H,W], the task's targets, indices, failures) from TrainingImages items; the
+    images that failed to load are left out of the batch and reported."""
 
     def collate(batch):
         good = [item for item in batch if item[0] is not None]
@@ -191,11 +174,7 @@ def make_collate(task: str, labels: Sequence[Any]):
         if not good:
             return None, None, indices, failures
         images = torch.stack([item[0] for item in good])
-        if task == "classification":
-            targets = torch.tensor([labels[i] for i in indices], dtype=torch.long)
-        else:
-            targets = [item[1] for item in good]
-        return images, targets, indices, failures
+        return images, task.collate_targets(good, labels), indices, failures
 
     return collate
 

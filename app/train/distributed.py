@@ -2,9 +2,9 @@
 
 The run's own process does everything else (scan, embed, select, the summary) and then, when
 `hardware.nproc_per_node` or `hardware.nnodes` asks for more than one process, starts
-`python -m torch.distributed.run ... -m app.train.distributed RUN_DIR CONFIG` and waits. Each
-worker runs the same `fit` with its rank; rank 0 evaluates, saves and logs. SIGTERM/SIGINT to
-thresher is passed on to torchrun, which passes it to the workers; they stop at the same step.
+`python -m torch.distributed.run ... -m app.train.worker RUN_DIR CONFIG` and waits. Each worker
+runs the same `fit` with its rank; rank 0 evaluates, saves and logs. SIGTERM/SIGINT to thresher
+is passed on to torchrun, which passes it to the workers; they stop at the same step.
 """
 from __future__ import annotations
 
@@ -14,21 +14,18 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from app import atomic
-from app.config import UserError, is_url
-from app.run import Interrupted
+from app.artifacts import HYDRA_LOG, WORKER_CONFIG, WORKER_RESULT
+from app.errors import UserError
+from app.lifecycle import Interrupted
 from app.secrets import redact
 
 log = logging.getLogger("thresher")
-
-WORKER_CONFIG = ".train_config{node}.yaml"
-WORKER_RESULT = ".train_result{node}.json"
 
 
 def result_path(run_dir: Path, node_rank: int) -> Path:
@@ -52,7 +49,7 @@ def torchrun_command(hardware: DictConfig, nproc: int, run_dir: Path, config_pat
                     f"--rdzv-id={hardware.rdzv_id}", f"--node-rank={hardware.node_rank}"]
     else:
         command += ["--standalone"]
-    return command + ["-m", "app.train.distributed", str(run_dir), str(config_path)]
+    return command + ["-m", "app.train.worker", str(run_dir), str(config_path)]
 
 
 def launch_if_distributed(cfg: DictConfig, run_dir: Path, device) -> Optional[Dict[str, Any]]:
@@ -87,72 +84,8 @@ def launch_if_distributed(cfg: DictConfig, run_dir: Path, device) -> Optional[Di
         raise Interrupted(signal.SIGTERM if abs(code) in (signal.SIGTERM, 128 + signal.SIGTERM) else signal.SIGINT)
     if code != 0 or not own_result.is_file():
         raise RuntimeError(f"distributed training failed (torchrun exit code {code}); the workers' errors are above "
-                           f"and in {run_dir / 'thresher.log'}")
+                           f"and in {run_dir / HYDRA_LOG}")
     result = json.loads(own_result.read_text())
     own_result.unlink()
     config_path.unlink(missing_ok=True)
     return result
-
-
-def _configure_worker_logging(run_dir: Path, rank: int) -> None:
-    from app.secrets import install_redaction, register_environment_secrets
-
-    register_environment_secrets()
-    formatter = logging.Formatter(f"[%(asctime)s][rank {rank}][%(levelname)s] - %(message)s")
-    logger = logging.getLogger("thresher")
-    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if rank == 0:
-        handlers.append(logging.FileHandler(run_dir / "thresher.log"))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        logger.addHandler(handler)
-    install_redaction()
-
-
-def worker_main(argv: List[str]) -> int:
-    """One torchrun worker: join the process group, train, report (rank 0)."""
-    import torch
-    import torch.distributed as dist
-
-    from app.run import install_signal_handlers, seed_everything
-    from app.train.loop import fit
-
-    run_dir, config_path = Path(argv[0]), Path(argv[1])
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    _configure_worker_logging(run_dir, rank)
-    from app.config import register_resolvers
-
-    register_resolvers()
-    cfg = OmegaConf.load(config_path)
-    if cfg.get("storage_options") is not None and is_url(cfg.data.get("input_dir")):
-        from app.data.sources import configure_storage
-
-        configure_storage(OmegaConf.to_container(cfg.storage_options, resolve=True))
-    if cfg.hardware.device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    backend = cfg.hardware.ddp_backend or ("nccl" if device.type == "cuda" else "gloo")
-    install_signal_handlers()
-    dist.init_process_group(backend=backend)
-    try:
-        seed_everything(cfg.seed)
-        result = fit(cfg, run_dir, device, rank=rank, world_size=world_size)
-        if local_rank == 0:
-            atomic.write_json(result_path(run_dir, int(os.environ.get("GROUP_RANK", 0))), asdict(result))
-        return 0
-    except Interrupted as stop:
-        return 128 + stop.signum
-    except UserError as error:
-        print(f"thresher: error: {redact(str(error))}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))

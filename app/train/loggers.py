@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from app import atomic
+from app.artifacts import METRICS_CSV, TENSORBOARD, WANDB
 from app.secrets import read_secret, register_secret
 
 log = logging.getLogger("thresher")
-
-METRICS_CSV = "metrics.csv"
 
 
 def write_metrics_csv(run_dir: Path, history: List[Dict[str, Any]]) -> None:
@@ -38,7 +37,7 @@ class MetricLoggers:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote past its last checkpoint.
-            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            self._tensorboard = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=resume_step or None)
         elif logger_cfg.type == "wandb":
             self._wandb_run = _start_wandb(run_dir, logger_cfg, config)
 
@@ -69,7 +68,7 @@ class MetricLoggers:
 
 
 def _start_wandb(run_dir: Path, logger_cfg, config: Dict[str, Any]):
-    from app.config import UserError
+    from app.errors import UserError
 
     key = read_secret("WANDB_API_KEY")
     register_secret(key)
@@ -93,5 +92,5 @@ def _start_wandb(run_dir: Path, logger_cfg, config: Dict[str, Any]):
 
 
 def wandb_dir(run_dir: Path) -> Optional[Path]:
-    path = run_dir / "wandb"
+    path = run_dir / WANDB
     return path if path.is_dir() else None

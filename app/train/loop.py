@@ -6,12 +6,13 @@ Reads the scan's `data/input_files.csv` and, when the select stage ran, its
 `save_epochs`, and `metrics.csv`/`metrics.json`. A rerun in the same run directory continues
 from `last.pt` at the batch where it stopped.
 
-The loop reads top to bottom like torchvision's references: build, maybe resume, then for each
-epoch train (one `train_step` a batch), evaluate, step the scheduler, save.
+The loop reads top to bottom like torchvision's references: build the setup (app.train.setup, as
+the profile does), maybe resume, then for each epoch train (one `setup.train_step` a batch),
+evaluate, step the scheduler, save. What differs between tasks is asked of the task's spec
+(app.train.tasks).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -25,18 +26,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from app import atomic
+from app.artifacts import BEST, LAST, METRICS_CSV, METRICS_JSON, epoch_checkpoint
+from app.lifecycle import Interrupted, stop_at_step_boundary
 from app.progress import Progress
-from app.run import Interrupted
 from app.train import checkpoints
-from app.train.data import (EpochBatches, TrainingImages, keypoint_flip_index, loader_settings, make_collate,
-                            model_input_shape, training_data)
+from app.train.data import EpochBatches, training_data
 from app.train.loggers import MetricLoggers, write_metrics_csv
-from app.train.optim import build_optimizer, build_scheduler, check_optim_config, step_scheduler
-from app.train.stopping import stop_at_step_boundary
+from app.train.optim import check_optim_config, step_scheduler
+from app.train.setup import TrainingSetup
+from app.train.tasks import TaskSpec, spec_for
 
 log = logging.getLogger("thresher")
-
-METRICS = "metrics.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,8 +58,8 @@ class TrainResult:
     compute_efficiency: float
     processes: int = 1
     resumed_from: Optional[str] = None
-    artifacts: List[str] = field(default_factory=lambda: [checkpoints.LAST, checkpoints.BEST, METRICS,
-                                                          "metrics.csv"])
+    artifacts: List[str] = field(default_factory=lambda: [LAST, BEST, METRICS_JSON,
+                                                          METRICS_CSV])
 
 
 @dataclass
@@ -96,63 +96,37 @@ def train_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> TrainRe
 
 
 def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainResult:
-    from app.data.augment import build_transform, input_size_ok
-    from app.train.metrics import make_evaluator
-    from app.train.task_models import build_model, expects_normalized_images
-
     trainer, task = cfg.trainer, cfg.model.task
     main_process = rank == 0
     set_determinism(trainer.deterministic, device)
     data = training_data(cfg, run_dir)
-    key_metric, key_mode = key_metric_for(trainer, task, bool(data.val_index))
+    key_metric, key_mode = key_metric_for(trainer, spec_for(task), bool(data.val_index))
     if main_process:
         log.info("train: %s (%s) on %d images, %d for validation, %d classes, %d epochs, batch %d%s, device %s",
                  cfg.model.name, task, len(data.train_index), len(data.val_index), len(data.classes),
                  trainer.epochs, trainer.batch_size, f" x {world_size} processes" if world_size > 1 else "", device)
 
-    model = build_model(task, cfg.model.name, len(data.classes), data.num_keypoints, cfg.model.weights,
-                        cfg.data.image_size).to(device)
-    if trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(trainer.optimizer, model.parameters())
-    scheduler = build_scheduler(trainer.scheduler, optimizer)
-    amp_dtype = autocast_dtype(trainer.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
     split_id = fingerprint([data.files[i] for i in data.train_index])
-    position = Position()
     last = checkpoints.latest(run_dir)
-    if last is not None:
-        position = resume(last, model, optimizer, scheduler, scaler, task, cfg.model.name, data.classes, split_id)
+    state = resumable_state(last, task, cfg.model.name, data.classes, split_id) if last is not None else None
+    setup = TrainingSetup.build(cfg, data, device, rank=rank, world_size=world_size, state=state)
+    position = Position()
+    if state is not None:
+        position = resumed_position(state)
         if main_process:
             log.info("train: resuming from %s: %d epoch(s) done, then %d batch(es) of epoch %d", last,
                      position.epoch, position.batch, position.epoch + 1)
     resumed_from = f"epoch {position.epoch}, batch {position.batch}" if last is not None else None
 
-    trained = model  # what is called in the loop; `model` stays the plain module that is saved
-    if world_size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if trainer.compile:
-        trained = torch.compile(trained)
-
-    settings = loader_settings(cfg.hardware, device, trainer.batch_size, model_input_shape(cfg.data))
-    collate = make_collate(task, data.targets)
-    normalize = expects_normalized_images(task)
-    flip_index = keypoint_flip_index(data.annotations.keypoint_names) if task == "keypoints" else None
-    train_set = TrainingImages(data.input_dir, data.files, data.targets,
-                               build_transform(cfg.data.augment, cfg.data.image_size, train=True, normalize=normalize,
-                                               keypoint_flip_index=flip_index),
-                               size_ok=functools.partial(input_size_ok, augment=cfg.data.augment))
-    val_set = TrainingImages(data.input_dir, data.files, data.targets,
-                             build_transform(cfg.data.augment, cfg.data.image_size, train=False, normalize=normalize))
+    settings = setup.loader_settings(trainer.batch_size)
     batches = EpochBatches(data.train_index, trainer.batch_size, cfg.seed, shuffle=True, rank=rank,
                            world_size=world_size)
     loader_generator = torch.Generator()
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
-                                               generator=loader_generator, **settings)
+    train_loader = torch.utils.data.DataLoader(setup.dataset(train=True), batch_sampler=batches,
+                                               collate_fn=setup.collate, generator=loader_generator, **settings)
     val_batches = EpochBatches(data.val_index, trainer.batch_size, cfg.seed, shuffle=False)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_batches, collate_fn=collate, **settings)
+    val_loader = torch.utils.data.DataLoader(setup.dataset(train=False), batch_sampler=val_batches,
+                                             collate_fn=setup.collate, **settings)
 
     config = OmegaConf.to_container(cfg, resolve=False)
     loggers = MetricLoggers(run_dir, cfg.logger, config, resume_step=position.step) if main_process else None
@@ -161,16 +135,16 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
 
     def full_state(position: Position) -> Dict[str, Any]:
         return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(), "epoch": position.epoch, "batch": position.batch,
+            "model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
+            "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
+            "scaler": setup.scaler.state_dict(), "epoch": position.epoch, "batch": position.batch,
             "global_step": position.step, "sums": position.sums, "history": position.history,
             "best": position.best, "rng": checkpoints.rng_state(), "task": task, "model_name": cfg.model.name,
             "classes": list(data.classes), "num_keypoints": data.num_keypoints,
             "image_size": cfg.data.image_size, "split": split_id, "config": config}
 
     def save_stopped(position: Position) -> None:
-        saver.save([(run_dir / checkpoints.LAST, full_state(position))], background=False)
+        saver.save([(run_dir / LAST, full_state(position))], background=False)
 
     try:
         with stop_at_step_boundary() as stop:
@@ -180,23 +154,21 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
                 if position.batch == 0:
                     position.sums = {}
                 desc = f"train {epoch + 1}/{trainer.epochs}"
-                stopped = train_one_epoch(trained, optimizer, scaler, amp_dtype, train_loader, device, position,
-                                          trainer.grad_clip_norm, trainer.channels_last, stop, world_size,
-                                          loggers, desc, batches.n_samples(), main_process)
+                stopped = train_one_epoch(setup, train_loader, position, stop, loggers, desc)
                 if stopped:
                     if main_process:
                         save_stopped(position)
                         log.warning("train: stopped at epoch %d, batch %d; saved %s", epoch + 1, position.batch,
-                                    checkpoints.LAST)
+                                    LAST)
                     raise Interrupted(stop.signum)
-                record = epoch_record(epoch, position, optimizer)
+                record = epoch_record(epoch, position, setup.optimizer)
                 if main_process and data.val_index:
-                    evaluator = make_evaluator(task, data.annotations)
-                    if not evaluate(model, val_loader, device, evaluator, amp_dtype, trainer.channels_last, stop):
+                    evaluator = setup.make_evaluator()
+                    if not evaluate(setup, val_loader, evaluator, stop):
                         save_stopped(position)
                         raise Interrupted(stop.signum)
                     record.update(evaluator.compute())
-                step_scheduler(scheduler, record, key_metric)
+                step_scheduler(setup.scheduler, record, key_metric)
                 position.epoch, position.batch, position.sums = epoch + 1, 0, {}
                 position.history.append(record)
                 if main_process:
@@ -218,11 +190,11 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
         compute_efficiency=round(final["compute_efficiency"], 3), processes=world_size, resumed_from=resumed_from)
 
 
-def train_one_epoch(model, optimizer, scaler, amp_dtype, loader, device, position: Position, clip_norm,
-                    channels_last: bool, stop, world_size: int, loggers, desc: str, total: int,
-                    main_process: bool) -> bool:
+def train_one_epoch(setup: TrainingSetup, loader, position: Position, stop, loggers, desc: str) -> bool:
     """Train the rest of an epoch from `position.batch`; True when a stop was requested."""
-    model.train()
+    setup.trained.train()
+    main_process = setup.rank == 0
+    total = loader.batch_sampler.n_samples()
     sums = position.sums
     # Only the first process shows progress; the others would repeat it.
     with Progress(total, desc, live=None if main_process else False, every_s=10.0 if main_process else 1e12) as bar:
@@ -243,8 +215,7 @@ def train_one_epoch(model, optimizer, scaler, amp_dtype, loader, device, positio
                 log.warning("train: %d image(s) skipped: %s", len(failures), failures[0][1])
             computing_since = time.perf_counter()
             if images is not None:
-                loss, parts = train_step(model, optimizer, scaler, amp_dtype, images, targets, device, clip_norm,
-                                         channels_last)
+                loss, parts = setup.train_step(images, targets)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"the training loss became {loss} at epoch {position.epoch + 1}, batch "
                                            f"{position.batch + 1}: lower trainer.optimizer.params.lr, set "
@@ -261,50 +232,26 @@ def train_one_epoch(model, optimizer, scaler, amp_dtype, loader, device, positio
             position.batch += 1
             position.step += 1
             if loggers is not None and images is not None:
-                loggers.log_step(position.step, {"loss": loss, **parts, "lr": optimizer.param_groups[0]["lr"]})
+                loggers.log_step(position.step, {"loss": loss, **parts, "lr": setup.optimizer.param_groups[0]["lr"]})
             seen = max(sums.get("seen", 0), 1)
             bar.update((0 if images is None else len(images)) + len(failures), loss=sums.get("loss", 0.0) / seen,
                        eff=sums["compute_s"] / max(sums["compute_s"] + sums["wait_s"], 1e-9))
-            if _any_rank(bool(stop), world_size, device):
+            if _any_rank(bool(stop), setup.world_size, setup.device):
                 return True
     return False
 
 
-def train_step(model, optimizer, scaler, amp_dtype, images, targets, device, clip_norm, channels_last: bool):
-    """One optimisation step; returns (loss, its parts) as Python floats."""
-    from app.train.task_models import move_batch, training_loss
-
-    images, targets = move_batch(images, targets, device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss, parts = training_loss(model, images, targets)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip_norm is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    return float(loss.detach()), {k: float(v) for k, v in parts.items()}
-
-
 @torch.inference_mode()
-def evaluate(model, loader, device, evaluator, amp_dtype, channels_last: bool, stop) -> bool:
-    """Feed the validation set to `evaluator`; False when a stop was requested midway."""
-    from app.train.task_models import predict
-
-    model.eval()
+def evaluate(setup: TrainingSetup, loader, evaluator, stop) -> bool:
+    """Feed the validation set to `evaluator` (the plain model, on this process alone); False when
+    a stop was requested midway."""
+    setup.model.eval()
     with Progress(len(loader.batch_sampler.indices), "validate") as bar:
         for images, targets, _, failures in loader:
             if stop:
                 return False
             if images is not None:
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    outputs = predict(model, images)
+                outputs = setup.predict(images)
                 evaluator.update(to_device(outputs, torch.device("cpu")), targets)
             bar.update((0 if images is None else len(images)) + len(failures))
     return True
@@ -331,13 +278,13 @@ def finish_epoch(run_dir: Path, position: Position, record: Dict[str, Any], key_
     files = []
     if value is not None and (best is None or (value > best["value"] if key_mode == "max" else value < best["value"])):
         position.best = state["best"] = {"epoch": record["epoch"], "metric": key_metric, "value": value}
-        files.append((run_dir / checkpoints.BEST, checkpoints.for_inference(state)))
+        files.append((run_dir / BEST, checkpoints.for_inference(state)))
     if trainer.save_epochs and record["epoch"] % trainer.save_epochs == 0:
-        files.append((run_dir / checkpoints.epoch_checkpoint(record["epoch"]), state))
-    files.insert(0, (run_dir / checkpoints.LAST, state))
+        files.append((run_dir / epoch_checkpoint(record["epoch"]), state))
+    files.insert(0, (run_dir / LAST, state))
     saver.save(files)
     write_metrics_csv(run_dir, position.history)
-    atomic.write_json(run_dir / METRICS, {
+    atomic.write_json(run_dir / METRICS_JSON, {
         "task": cfg.model.task, "model": cfg.model.name, "classes": list(data.classes),
         "n_train": len(data.train_index), "n_val": len(data.val_index), "key_metric": key_metric,
         "best": position.best, "epochs": position.history, "final": record})
@@ -348,48 +295,34 @@ def finish_epoch(run_dir: Path, position: Position, record: Dict[str, Any], key_
              record["compute_efficiency"])
 
 
-def resume(path: Path, model, optimizer, scheduler, scaler, task: str, model_name: str, classes,
-           split_id: str) -> Position:
+def resumable_state(path: Path, task: str, model_name: str, classes, split_id: str) -> Dict[str, Any]:
+    """The checkpoint to continue from (TrainingSetup.build loads its weights and optimizer
+    state), refused when it is of another model, class list or split."""
     state = checkpoints.load(path)
     checkpoints.check_compatible(state, task, model_name, classes, path)
     if state.get("split") not in (None, split_id):
-        from app.config import UserError
+        from app.errors import UserError
 
         raise UserError(f"{path} was trained on another selection or validation split than this run has: "
                         f"choose another run_directory, or overwrite=true to start again")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def resumed_position(state: Dict[str, Any]) -> Position:
+    """Where the checkpoint stopped; every random number generator continues from there too."""
     checkpoints.restore_rng_state(state["rng"])
     return Position(epoch=int(state["epoch"]), batch=int(state["batch"]), step=int(state.get("global_step", 0)),
                     sums=dict(state.get("sums") or {}), history=list(state.get("history") or []),
                     best=state.get("best"))
 
 
-def key_metric_for(trainer, task: str, has_validation: bool):
+def key_metric_for(trainer, task: TaskSpec, has_validation: bool):
+    """(metric, mode) that picks best.pt: trainer.key_metric, else the task's, else train_loss."""
     if trainer.key_metric:
         return trainer.key_metric, trainer.key_metric_mode
     if not has_validation:
         return "train_loss", "min"
-    from app.train.metrics import key_metric
-
-    return key_metric(task), "max"
-
-
-def autocast_dtype(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    """bf16 or fp16 autocast on CUDA; bf16 also on the CPU; fp16 on the CPU is not offered by torch."""
-    if amp is None:
-        return None
-    if device.type != "cuda" and amp == "fp16":
-        log.warning("trainer.amp=fp16 needs CUDA; training in float32 on %s (bf16 works on the CPU)", device)
-        return None
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("this GPU has no bf16: using fp16 with a gradient scaler instead")
-        return torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    return task.key_metric, "max"
 
 
 def set_determinism(deterministic: bool, device: torch.device) -> None:

@@ -10,6 +10,8 @@ COCO leaderboards and torchvision's references report:
   (COCO uses the segmentation area, which box annotations do not have).
 Metrics of an empty validation set, of one without any ground-truth object, or without a single
 prediction are 0.0, never NaN, so a "best" checkpoint can still be chosen and logs stay numeric.
+
+Each task spec (app.train.tasks) makes its evaluator and lists the names it reports.
 """
 from __future__ import annotations
 
@@ -20,25 +22,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from app.config import TASK_METRICS
-
 DEFAULT_KEYPOINT_SIGMA = 0.1
 COCO_PERSON_KEYPOINTS = 17
-
-
-def key_metric(task: str) -> str:
-    """The metric that picks best.pt when trainer.key_metric is null."""
-    return TASK_METRICS[task][0]
-
-
-def make_evaluator(task: str, annotations) -> "Evaluator":
-    """An evaluator for `task`; annotations (app.train.annotations.Annotations) gives the classes
-    and the keypoint count."""
-    if task == "classification":
-        return ClassificationEvaluator()
-    if task in ("detection", "keypoints"):
-        return CocoEvaluator(annotations.classes, annotations.num_keypoints if task == "keypoints" else 0)
-    raise ValueError(f"no evaluator for task {task!r}")
 
 
 class Evaluator:
@@ -50,7 +35,6 @@ class Evaluator:
 
     def compute(self) -> Dict[str, float]:
         raise NotImplementedError
-
 
 
 class ClassificationEvaluator(Evaluator):

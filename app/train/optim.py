@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from app.config import UserError, did_you_mean
+from app.config_checks import did_you_mean
+from app.errors import UserError
 
 # Arguments thresher passes itself: the user cannot set them in params.
 _OWN_OPTIMIZER_ARGS = ("params",)

@@ -1,0 +1,116 @@
+"""The samplers, by name: what each needs and how it selects. `sampler.method` names one.
+
+Adding a sampler is one module here and one YAML in conf/sampler/; nothing else changes:
+
+1. `app/sampling/samplers/<name>.py` defines `SAMPLER = Sampler(name="<name>", select=...)`, with
+   `needs_embeddings=False` when it picks from the file list alone (the runner then skips the
+   embed stage and refuses `embeddings=`, `enable_training=true` and `near_duplicate_distance`
+   for it), `uses_min_distance=True` when it stops on `stopping_condition.min_distance` (refused
+   for the others), and `check=` for config-time checks of its own keys (raise
+   app.errors.UserError). `select(candidates, count=, pool=, seed=, device=, config=)` returns a
+   `Selection` of up to `count` candidate units, in pick order (see `SelectFunction`). Import
+   numpy and torch inside `select`, not at the top: this package is read when a config is
+   checked, which stays fast and torch-free.
+2. `conf/sampler/<name>.yaml` sets `method: <name>` and its values, and names its schema first in
+   its defaults list, `defaults: [<name>_schema]`, as conf/data/*.yaml do. The schema is
+   app.sampling.schema.SamplerConfig (the keys every sampler has: `stopping_condition.n_samples` and
+   `.min_distance`, `normalize_embeddings`, `near_duplicate_distance`, `selected_sequence_length`,
+   and the embed stage's `batch_size` and `embedding_model`) unless the module passes `schema=`:
+   a dataclass deriving from SamplerConfig that adds the sampler's own keys, typed and checked
+   like every other key (`thresher sampler=<name> sampler.<key>=...`; a typo is refused).
+
+The modules are found by listing this package (app.config.register_configs stores each schema as
+`sampler/<name>_schema`), so validation refuses a `sampler.method` that no module registers, with
+a did-you-mean, and the select stage dispatches through `get_sampler`. The select stage does what
+is common to every sampler before and after `select`: near-duplicate removal, L2 normalisation
+(`normalize_embeddings`), whole frame sequences as units (`selected_sequence_length`), the datapool
+(its vectors come in as `pool`; the picks are committed to it), resolving the budget
+(app.sampling.schema.Budget) to a count of units, and the artifacts.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+
+if TYPE_CHECKING:  # for the annotations only: the registry itself loads neither
+    import numpy as np
+    from omegaconf import DictConfig
+
+
+@dataclass
+class Candidates:
+    """What a sampler picks from: `units` are what is picked as a whole, each a list of indices
+    into `files` (one image each; a run of consecutive frames with selected_sequence_length > 1)."""
+    files: List[str]
+    units: List[List[int]]
+    # One row per unit (a sequence: the mean of its frames), L2-normalised when
+    # sampler.normalize_embeddings; None for a sampler that does not need embeddings.
+    vectors: Optional["np.ndarray"] = None
+
+
+@dataclass
+class Selection:
+    """A sampler's answer: unit indices in pick order, each pick's distance to the earlier picks
+    and the pool (None when the sampler measures none), and what stopped it (recorded in
+    summary.json as stopped_by: n_samples, min_distance, exhausted, ...)."""
+    picks: List[int]
+    distances: Optional[List[float]]
+    stopped_by: str
+
+
+# select(candidates, count=, pool=, seed=, device=, config=) -> Selection. `count`: the budget
+# (sampler.stopping_condition.n_samples) resolved for these candidates, in units; `pool`: the
+# datapool's vectors, normalised as the candidates' are (centers picked in earlier runs, never
+# returned), or None; `device`: a torch.device; `config`: cfg.sampler, under the sampler's schema.
+SelectFunction = Callable[..., Selection]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    select: SelectFunction
+    needs_embeddings: bool = True
+    uses_min_distance: bool = False
+    # A dataclass deriving from app.sampling.schema.SamplerConfig, for a sampler with keys of its own;
+    # None: SamplerConfig.
+    schema: Optional[type] = None
+    # Config-time checks of the sampler's own keys: check(cfg.sampler) raises UserError.
+    check: Optional[Callable[["DictConfig"], None]] = None
+
+
+_registry: Optional[Dict[str, Sampler]] = None
+
+
+def registry() -> Dict[str, Sampler]:
+    """Every sampler module's SAMPLER, by name, in name order; found once, on first use."""
+    global _registry
+    if _registry is None:
+        found: Dict[str, Sampler] = {}
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+            if info.name.startswith("_"):
+                continue
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            sampler = getattr(module, "SAMPLER", None)
+            if not isinstance(sampler, Sampler):
+                raise TypeError(f"{module.__name__} is in the sampler package but defines no SAMPLER = Sampler(...)")
+            if sampler.name in found:
+                raise ValueError(f"two sampler modules register the name {sampler.name!r}")
+            found[sampler.name] = sampler
+        _registry = dict(sorted(found.items()))
+    return _registry
+
+
+def sampler_names() -> List[str]:
+    return list(registry())
+
+
+def get_sampler(name: Any) -> Sampler:
+    """The sampler `sampler.method` names; validation has refused an unknown name before."""
+    return registry()[str(name)]
+
+
+def needs_embeddings(method: Any) -> bool:
+    """Whether sampler.method=`method` selects by embeddings (and so needs the embed stage)."""
+    return get_sampler(method).needs_embeddings

@@ -1,0 +1,191 @@
+"""The selection's schemas (sampler, ssl, datapool, report, and the dump of the selected images)
+and their checks, with the sampler budget parsed once (Budget). Importable without torch, like
+app.config, which composes these into ThresherConfig and calls the checks."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from app.config_checks import is_int, one_of, refuse
+from app.data.locations import is_url
+from app.sampling.samplers import registry as sampler_registry
+
+OUTPUT_IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp", "bmp", "tiff")
+
+
+@dataclass
+class StoppingCondition:
+    # int >= 1 (a count), float in (0, 1] (a fraction) or -1 (off); Any keeps int and float apart.
+    n_samples: Any = -1
+    min_distance: float = -1.0
+
+
+@dataclass
+class SamplerConfig:
+    """The keys every sampler has; a sampler with keys of its own derives its schema from this
+    (app/sampling/samplers/__init__.py says how)."""
+    method: str = "coreset"
+    stopping_condition: StoppingCondition = field(default_factory=StoppingCondition)
+    # Frames of one folder, in name order, are picked in runs of this length (1: single images).
+    selected_sequence_length: int = 1
+    # Before selecting, drop images closer than this to an earlier kept image; -1 for off.
+    near_duplicate_distance: float = -1.0
+    normalize_embeddings: bool = True
+    batch_size: int = 64
+    # The classifier whose penultimate layer embeds the images; null: model.name when that is a
+    # classifier, else resnet18.
+    embedding_model: Optional[str] = None
+
+
+@dataclass
+class DatapoolConfig:
+    # A name keeps the selection in <work_dir>/datapool/<name>/ across runs; null: no pool.
+    name: Optional[str] = None
+    keep_history: bool = True
+
+
+@dataclass
+class SSLConfig:
+    """Self-supervised training of the embedding backbone (enable_training=true)."""
+    method: str = "simclr"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.06
+    temperature: float = 0.5
+    projection_dim: int = 128
+
+
+@dataclass
+class ReportConfig:
+    n_example_images: int = 6
+    memory_requirement_in_GB: float = 2.0
+    # A plot of which frames of each input video were selected (the Lightly Worker's name).
+    show_video_sampling_timeline: bool = True
+
+
+@dataclass(frozen=True)
+class Budget:
+    """sampler.stopping_condition.n_samples, parsed once: at most `count` images, a `fraction` of
+    the candidates, or neither (off: all of them)."""
+    count: Optional[int] = None
+    fraction: Optional[float] = None
+
+    @classmethod
+    def parse(cls, n_samples: Any) -> "Budget":
+        """An int >= 1 is a count, a float in (0, 1] a fraction, -1 (or -1.0) off; raises UserError
+        for anything else."""
+        if is_int(n_samples) and n_samples == -1:
+            return cls()
+        if is_int(n_samples) and n_samples >= 1:
+            return cls(count=n_samples)
+        if isinstance(n_samples, float) and math.isfinite(n_samples):
+            if n_samples == -1.0:
+                return cls()
+            if 0.0 < n_samples <= 1.0:
+                return cls(fraction=n_samples)
+        raise refuse("sampler.stopping_condition.n_samples", n_samples,
+                     "use a count (an integer >= 1), a fraction in (0, 1], or -1 for off")
+
+    @property
+    def is_off(self) -> bool:
+        return self.count is None and self.fraction is None
+
+    def count_for(self, n_candidates: int) -> int:
+        """How many of `n_candidates` to select: the count (all when there are fewer), the fraction
+        rounded down but at least 1, or all when off."""
+        if self.fraction is not None:
+            # floor, as a fraction of a budget should not round up; the epsilon absorbs 0.29 * 100 = 28.999...
+            return max(1, int(self.fraction * n_candidates + 1e-9))
+        if self.count is not None:
+            return min(self.count, n_candidates)
+        return n_candidates
+
+
+def validate_sampler(sampler: DictConfig) -> None:
+    """The keys every sampler has, what the chosen sampler declares it uses (app.sampling.samplers),
+    then its own checks."""
+    samplers = sampler_registry()
+    if sampler.method not in samplers:
+        raise refuse("sampler.method", sampler.method, f"choose from {', '.join(samplers)}", samplers)
+    spec = samplers[sampler.method]
+    Budget.parse(sampler.stopping_condition.n_samples)
+    min_distance = sampler.stopping_condition.min_distance
+    if not (min_distance == -1 or (math.isfinite(min_distance) and min_distance >= 0)):
+        raise refuse("sampler.stopping_condition.min_distance", min_distance,
+                     "use a distance >= 0, or -1 for off")
+    if min_distance >= 0 and not spec.uses_min_distance:
+        users = one_of([f"sampler={name}" for name, other in samplers.items() if other.uses_min_distance])
+        raise refuse("sampler.stopping_condition.min_distance", min_distance,
+                     f"it applies to {users} only, not sampler={sampler.method}; use -1")
+    if sampler.batch_size < 1:
+        raise refuse("sampler.batch_size", sampler.batch_size, "use an integer >= 1")
+    near = sampler.near_duplicate_distance
+    if not (near == -1 or (math.isfinite(near) and near > 0)):
+        raise refuse("sampler.near_duplicate_distance", near, "use a distance > 0, or -1 for off")
+    if near > 0 and not spec.needs_embeddings:
+        raise refuse("sampler.near_duplicate_distance", near,
+                     f"it needs embeddings; sampler={sampler.method} has none")
+    if sampler.selected_sequence_length < 1:
+        raise refuse("sampler.selected_sequence_length", sampler.selected_sequence_length,
+                     "use an integer >= 1 (1 selects single images)")
+    if spec.check is not None:
+        spec.check(sampler)
+
+
+def uses_no_embeddings(method: str) -> str:
+    users = one_of([name for name, spec in sampler_registry().items() if spec.needs_embeddings])
+    return f"sampler={method} uses no embeddings; choose {users}"
+
+
+def output_image_size(value: Any) -> Optional[tuple]:
+    """None (keep), (shorter_edge,) or (height, width); raises for anything else."""
+    if is_int(value) and value == -1:
+        return None
+    if is_int(value) and value >= 1:
+        return (value,)
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        items = list(value)
+        if len(items) == 2 and all(is_int(v) and v >= 1 for v in items):
+            return (items[0], items[1])
+    raise refuse("output_image_size", value, "use -1 (as they are), an int for the shorter edge, or [h, w]")
+
+
+def validate_outputs(cfg: DictConfig) -> None:
+    output_image_size(cfg.output_image_size)
+    if str(cfg.output_image_format).lower() not in OUTPUT_IMAGE_FORMATS:
+        raise refuse("output_image_format", cfg.output_image_format,
+                     f"choose from {', '.join(OUTPUT_IMAGE_FORMATS)}", OUTPUT_IMAGE_FORMATS)
+
+
+def validate_ssl(ssl: DictConfig) -> None:
+    """Self-supervised training of the embedding backbone (enable_training=true)."""
+    if ssl.method != "simclr":
+        raise refuse("ssl.method", ssl.method, "choose simclr", ["simclr"])
+    for key, minimum in (("epochs", 1), ("batch_size", 2), ("projection_dim", 1)):
+        if ssl[key] < minimum:
+            raise refuse(f"ssl.{key}", ssl[key], f"use an integer >= {minimum}")
+    for key in ("lr", "temperature"):
+        if not ssl[key] > 0:
+            raise refuse(f"ssl.{key}", ssl[key], "use a value > 0")
+
+
+def validate_datapool(datapool: DictConfig, work_dir: str) -> None:
+    if datapool.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", str(datapool.name)):
+        raise refuse("datapool.name", datapool.name, "use letters, digits, '.', '_' and '-'")
+    if datapool.name is not None and is_url(work_dir):
+        # A pool's updates rely on a file lock and atomic renames, which a bucket does not have.
+        raise refuse("datapool.name", datapool.name, f"the datapool lives under work_dir, and "
+                     f"work_dir={work_dir!r} is a bucket, where two runs could not update it safely: "
+                     f"use a local work_dir for runs with a datapool")
+
+
+def validate_report(report: DictConfig) -> None:
+    if report.n_example_images < 0:
+        raise refuse("report.n_example_images", report.n_example_images, "use an integer >= 0")
+    if not report.memory_requirement_in_GB > 0:
+        raise refuse("report.memory_requirement_in_GB", report.memory_requirement_in_GB,
+                     "use a size in GB > 0")
