@@ -47,7 +47,9 @@ DUPLICATE_FILES = "filenames/duplicate_filenames.txt"  # name<TAB>the earlier id
 MISSING_FILES = "filenames/missing_filenames.txt"  # relevant_filenames_file entries not there (escaped)
 UNUSED_FILES = "filenames/unused_filenames.txt"  # name<TAB>why, never opened (escaped)
 # embed
-EMBEDDINGS = "data/embeddings.csv"  # lightly's format (app.sampling.embeddings_io)
+EMBEDDING_MATRIX = "data/embeddings.npy"  # float32 N×d, what the stages read (app.sampling.embedding_matrix)
+EMBEDDING_ROWS = "data/embedding_rows.csv"  # filenames,labels of the matrix's rows, row for row
+EMBEDDINGS = "data/embeddings.csv"  # the same in lightly's format (app.sampling.embeddings_io)
 EMBEDDING_MODEL = "data/embedding_model.json"  # which backbone made them (EmbeddingModel)
 SSL_CHECKPOINT = "checkpoints/ssl_backbone.pt"  # enable_training=true: the trained backbone
 # select
@@ -123,9 +125,9 @@ STAGE_ARTIFACTS: Dict[str, StageArtifacts] = {
     "embed": StageArtifacts(
         needs=(INPUT_FILES, DATASET),
         reads=(CORRUPT_FILES,),
-        writes=(EMBEDDINGS, EMBEDDING_MODEL, SSL_CHECKPOINT, CORRUPT_FILES)),
+        writes=(EMBEDDING_MATRIX, EMBEDDING_ROWS, EMBEDDINGS, EMBEDDING_MODEL, SSL_CHECKPOINT, CORRUPT_FILES)),
     "select": StageArtifacts(
-        needs=(EMBEDDINGS,),
+        needs=(EMBEDDING_MATRIX, EMBEDDING_ROWS),
         # INPUT_FILES: for a sampler without embeddings; DATASET: dump_dataset and the report's
         # thumbnails; REPORT_JSON: a profile section of an earlier run is kept.
         reads=(INPUT_FILES, DATASET, VIDEOS, CORRUPT_FILES, DUPLICATE_FILES, EMBEDDING_MODEL, REPORT_JSON),
@@ -202,9 +204,16 @@ def write_input_files(run_dir: Path, files: Sequence[str], labels: Sequence[int]
 
 def read_input_files(run_dir: Path) -> Tuple[List[str], List[int]]:
     """(file names, labels) as the scan wrote them."""
+    files: List[str] = []
+    labels: List[int] = []
     with open(Path(run_dir) / INPUT_FILES, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return [row["filenames"] for row in rows], [int(row["labels"]) for row in rows]
+        reader = csv.reader(handle)
+        header = next(reader)
+        name_at, label_at = header.index("filenames"), header.index("labels")
+        for row in reader:
+            files.append(row[name_at])
+            labels.append(int(row[label_at]))
+    return files, labels
 
 
 def _lines(path: Path) -> List[str]:

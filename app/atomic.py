@@ -55,18 +55,19 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_lines(path: Path, lines: Iterable[str]) -> None:
-    write_text(path, "".join(f"{line}\n" for line in lines))
+    """One line each, streamed to the file: a million names never become one string."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.writelines(f"{line}\n" for line in lines)
 
 
 def write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
+    """A CSV (csv module quoting, \\n line ends), streamed row by row to the file."""
     import csv
-    import io
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(list(header))
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(list(header))
+        writer.writerows(rows)
 
 
 def read_lines(path: Path) -> list[str]:

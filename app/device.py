@@ -28,13 +28,19 @@ def resolve_device(name: str):
 
 
 def loader_workers(num_workers, device) -> int:
-    """DataLoader workers: -1 is one per available core; None is 0 on the CPU (workers would only
-    compete with the compute for the same cores) and one per core, at most 8, on a GPU."""
+    """DataLoader workers: N is N, -1 is one per available core. None (auto) is one per core, at
+    most 8, on an accelerator; on the CPU it is one worker when there are two cores or more, and 0
+    on a single core. On the CPU the model's forward takes the cores (torch's intra-op threads) and
+    decoding a batch costs a small part of it, so one worker (one torch thread) keeps the next batch
+    ready while the main process computes: without it the compute waits for every decode, with more
+    the workers take cores from the compute."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if num_workers is None:
-        return 0 if device.type == "cpu" else min(8, cores)
+        if device.type == "cpu":
+            return 1 if cores >= 2 else 0
+        return min(8, cores)
     if num_workers == -1:
         return cores
     return num_workers

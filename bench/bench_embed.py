@@ -2,7 +2,10 @@
 
 Both embed the same folder of `shapes` images with the same model (torchvision resnet18, seeded
 random weights), the same resolution (a square resize), batch size and loader workers, on the same
-device, and both write a lightly-format embeddings.csv. lightly's side is what `lightly-embed` runs
+device, and both write a lightly-format embeddings.csv. Loader workers: thresher's are
+`--num-workers` (default: its auto choice, app.device.loader_workers); lightly's loop gets the same
+number unless `--lightly-workers` says otherwise (lightly-embed's own default is one per core); the
+summary says how many each used. lightly's side is what `lightly-embed` runs
 inside (LightlyDataset, SelfSupervisedEmbedding.embed, save_embeddings), given the same backbone,
 since the CLI's own resnet-18 is a different (CIFAR-style) network.
 
@@ -10,6 +13,7 @@ Compute efficiency is the time spent in the backbone over the whole loop's time,
 way for both by timing the backbone's forward.
 
     .venv/bin/python bench/bench_embed.py --n-images 2000 --image-size 64 --batch-size 64
+    .venv/bin/python bench/bench_embed.py --n-images 5000 --image-size 24 --lightly-workers 0
 """
 from __future__ import annotations
 
@@ -94,7 +98,7 @@ def run_lightly(input_dir: Path, work: Path, args, device) -> dict:
     began = time.perf_counter()
     dataset = LightlyDataset(str(input_dir), transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.num_workers)
+                                         num_workers=args.lightly_workers)
     holder = nn.Module()
     holder.backbone = TimedForward(backbone(args.seed), device).to(device)
     encoder = SelfSupervisedEmbedding(holder, nn.Identity(), torch.optim.SGD(holder.parameters(), lr=0.1), loader)
@@ -110,13 +114,21 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=2000)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=None, help="thresher's; default: its auto choice")
+    parser.add_argument("--lightly-workers", type=int, default=None, help="lightly's; default: as thresher's")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
+    from app.device import loader_workers
+
+    thresher_workers = loader_workers(args.num_workers, device)
+    if args.lightly_workers is None:
+        args.lightly_workers = thresher_workers
+    args.num_workers = "null" if args.num_workers is None else args.num_workers
+    load_before = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
 
     from app.data.shapes import ensure_shapes
 
@@ -136,6 +148,10 @@ def main() -> None:
         "device": str(device), "args": {k: str(v) for k, v in vars(args).items()},
         "thresher": best["thresher"], "lightly": best["lightly"],
         "speedup_images_per_s": best["thresher"]["images_per_s"] / best["lightly"]["images_per_s"],
+        "loader_workers": {"thresher": thresher_workers, "lightly": args.lightly_workers},
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before_after": [load_before, Path("/proc/loadavg").read_text().split()[:3]
+                                      if load_before else None],
     }
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -26,6 +26,7 @@ LOW_FLOOR = {
     "app.data.locations": set(),
     "app.data.names": set(),
     "app.sampling.embeddings_io": {"app.errors", "app.atomic"},
+    "app.sampling.embedding_matrix": {"app.atomic", "app.artifacts", "app.sampling.embeddings_io"},
 }
 
 
@@ -168,7 +169,8 @@ def test_low_floor_modules_import_nothing_of_the_app_above_them(module):
 
 # Modules a config check or a CSV read goes through: none may import torch (or the stages that do).
 TORCH_FREE = ("app.cli", "app.config", "app.errors", "app.lifecycle", "app.secrets", "app.artifacts",
-              "app.data.locations", "app.data.sources", "app.sampling.embeddings_io", "app.sampling.datapool",
+              "app.data.locations", "app.data.sources", "app.sampling.embeddings_io",
+              "app.sampling.embedding_matrix", "app.sampling.datapool",
               "app.fingerprints", "app.config_checks", "app.data.schema", "app.sampling.schema", "app.train.schema",
               "app.profile.schema")
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from app import artifacts
-from app.artifacts import (DATASET, EMBEDDINGS, INPUT_FILES, STAGE_ARTIFACTS, Dataset, EmbeddingModel, producer_of,
+from app.artifacts import (DATASET, EMBEDDING_MATRIX, EMBEDDING_ROWS, EMBEDDINGS, INPUT_FILES, STAGE_ARTIFACTS, Dataset, EmbeddingModel, producer_of,
                            top_level)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_the_runner_derives_the_stage_inputs_from_the_declarations():
 
     assert run.STAGE_INPUTS == {
         "embed": [(INPUT_FILES, "scan"), (DATASET, "scan")],
-        "select": [(EMBEDDINGS, "embed")],
+        "select": [(EMBEDDING_MATRIX, "embed"), (EMBEDDING_ROWS, "embed")],
         "profile": [(INPUT_FILES, "scan"), (DATASET, "scan")],
         "train": [(INPUT_FILES, "scan"), (DATASET, "scan")],
     }
@@ -155,7 +155,7 @@ def test_the_scan_and_select_stages_write_only_what_they_declare(compose, tmp_pa
     import torch
 
     from app.data.scan import scan_stage
-    from app.sampling.embeddings_io import write_embeddings_csv
+    from app.sampling.embedding_matrix import write_embeddings
     from app.sampling.select import select_stage
 
     images = tmp_path / "images"
@@ -176,11 +176,11 @@ def test_the_scan_and_select_stages_write_only_what_they_declare(compose, tmp_pa
     assert all(declared_by("scan", name) for name in written_by_scan), written_by_scan
 
     files, labels = artifacts.read_input_files(run_dir)
-    write_embeddings_csv(run_dir / EMBEDDINGS, files, rng.normal(size=(len(files), 4)).astype(np.float32), labels)
+    write_embeddings(run_dir, files, labels, rng.normal(size=(len(files), 4)).astype(np.float32))
     selected = select_stage(cfg, run_dir, torch.device("cpu"))
     assert all(declared_by("select", name) for name in selected.artifacts), selected.artifacts
     written = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
-    by_select = written - written_by_scan - {EMBEDDINGS}
+    by_select = written - written_by_scan - {EMBEDDINGS, EMBEDDING_MATRIX, EMBEDDING_ROWS}
     assert by_select and all(declared_by("select", name) for name in by_select), sorted(by_select)
 
 

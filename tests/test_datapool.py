@@ -19,7 +19,8 @@ from app.config import register_configs, register_resolvers, validate
 from app.errors import UserError
 from app.sampling import datapool
 from app.sampling.datapool import commit_run_selection, load_datapool, locked_datapool
-from app.artifacts import EMBEDDINGS, SAMPLED
+from app.artifacts import SAMPLED
+from app.sampling.embedding_matrix import write_embeddings
 from app.sampling.embeddings_io import write_embeddings_csv
 from app.sampling.select import select_stage
 from conftest import thresher
@@ -44,9 +45,9 @@ def vectors(n: int, seed: int = 0, dim: int = 8) -> np.ndarray:
 
 
 def embedded_run(work_dir: Path, name: str, files=FILES) -> Path:
-    """A run directory whose embed stage has finished: data/embeddings.csv for `files`."""
+    """A run directory whose embed stage has finished: its embeddings for `files`."""
     run_dir = work_dir / name
-    write_embeddings_csv(run_dir / EMBEDDINGS, files, vectors(len(files)), [i % 2 for i in range(len(files))])
+    write_embeddings(run_dir, files, [i % 2 for i in range(len(files))], vectors(len(files)))
     return run_dir
 
 

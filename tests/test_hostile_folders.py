@@ -330,7 +330,7 @@ def test_every_list_and_csv_gives_back_every_name_the_rule_uses(tmp_path):
     vectors = np.arange(len(names) * 3, dtype=np.float32).reshape(len(names), 3)
     write_embeddings_csv(tmp_path / "embeddings.csv", names, vectors, list(range(len(names))))
     files, read_back, labels = read_embeddings_csv(tmp_path / "embeddings.csv", strict=True)
-    assert files == names and np.array_equal(read_back, vectors) and labels == list(range(len(names)))
+    assert files == names and np.array_equal(read_back, vectors) and labels.tolist() == list(range(len(names)))
     lightly_vectors, lightly_labels, lightly_files = load_embeddings(str(tmp_path / "embeddings.csv"))
     assert lightly_files == names and np.array_equal(lightly_vectors, vectors)
     (tmp_path / "val.txt").write_text(f"./{names[0]}\n{names[1]}\n", encoding="utf-8")

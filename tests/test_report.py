@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 from app.report import write_report
+from app.report import distances as report_distances
 from app.report.distances import (FINE_BINS, max_points_for_memory, nearest_neighbours, on_common_bins,
-                                  pairwise_histogram)
+                                  pairwise_histogram, pca_2d, sampled_nearest_neighbours)
 
 from conftest import ROOT, SMALL, thresher
 
@@ -55,8 +56,8 @@ def within_set_nearest(points: np.ndarray) -> np.ndarray:
 def make_run_dir(root: Path) -> tuple[Path, list, np.ndarray, np.ndarray]:
     """A run directory written by hand in the formats scan, embed and select use: 36 images in three
     coloured classes, clustered embeddings, every third image selected, one corrupt, two duplicates."""
-    from app.sampling.embeddings_io import write_embeddings_csv
     from app.artifacts import write_selection
+    from app.sampling.embedding_matrix import write_embeddings
 
     input_dir, run_dir = root / "images", root / "run"
     rng = np.random.default_rng(0)
@@ -75,7 +76,7 @@ def make_run_dir(root: Path) -> tuple[Path, list, np.ndarray, np.ndarray]:
     selected = np.zeros(len(files), dtype=bool)
     selected[::SELECTED_EVERY] = True
 
-    write_embeddings_csv(run_dir / "data/embeddings.csv", files, embeddings, labels)
+    write_embeddings(run_dir, files, labels, embeddings)
     (run_dir / "filenames").mkdir(parents=True)
     (run_dir / "filenames/sampled_filenames.txt").write_text(
         "".join(f"{f}\n" for f, s in zip(files, selected) if s))
@@ -121,6 +122,49 @@ def test_nearest_neighbours_of_a_single_point_or_an_empty_set_are_undefined():
     assert np.isinf(distances).all() and (index == -1).all()
     distances, index = nearest_neighbours(np.ones((2, 3)), np.zeros((0, 3)))
     assert np.isinf(distances).all() and (index == -1).all()
+
+
+@pytest.mark.parametrize("block", [3, 2048])
+def test_nearest_neighbours_of_row_subsets_equal_brute_force(block):
+    rng = np.random.default_rng(6)
+    points = rng.normal(size=(40, 5)).astype(np.float32)
+    points[17] = points[4]
+    subset = np.array([1, 4, 9, 17, 20, 33])
+    distances, index = nearest_neighbours(points, points, query_rows=subset, point_rows=subset, exclude_self=True,
+                                          block=block)
+    expected = brute_force_distances(points[subset], points[subset])
+    np.fill_diagonal(expected, np.inf)
+    np.testing.assert_allclose(distances, expected.min(axis=1), atol=1e-6)
+    assert (index == expected.argmin(axis=1)).all() and distances[1] == 0.0
+
+    queries = np.array([0, 2, 39])
+    distances, index = nearest_neighbours(points, points, query_rows=queries, point_rows=subset,
+                                          self_index=np.array([-1, -1, -1]), block=block)
+    across = brute_force_distances(points[queries], points[subset])
+    np.testing.assert_allclose(distances, across.min(axis=1), atol=1e-6)
+    assert (index == across.argmin(axis=1)).all()
+
+
+def test_sampled_nearest_neighbours_search_each_sampled_query_against_the_whole_set(monkeypatch):
+    monkeypatch.setattr(report_distances, "MAX_NEAREST_PAIRS", 200)
+    monkeypatch.setattr(report_distances, "MIN_NEAREST_QUERIES", 7)
+    points = unit(np.random.default_rng(7).normal(size=(60, 4))).astype(np.float32)
+    search = sampled_nearest_neighbours(points, np.random.default_rng(0), within_set=True)
+    assert search.subsampled and len(search.queries) == 7 and search.n_queries == 60
+    assert (search.queries == np.sort(np.random.default_rng(0).choice(60, 7, replace=False))).all()
+    expected = within_set_nearest(points.astype(np.float64))[search.queries]
+    np.testing.assert_allclose(search.distances, expected, atol=1e-6)
+
+    small = sampled_nearest_neighbours(points, np.random.default_rng(0), point_rows=np.arange(10), within_set=True)
+    assert not small.subsampled and len(small.distances) == 10, "10 × 10 pairs fit: every query"
+
+
+def test_pca_fitted_on_a_subsample_projects_every_point():
+    points = np.random.default_rng(8).normal(size=(500, 6)).astype(np.float32) * [5, 3, 1, 1, 1, 1]
+    projected = pca_2d(points, fit_rows=100)
+    assert projected.shape == (500, 2)
+    full = pca_2d(points)
+    np.testing.assert_allclose(np.abs(np.corrcoef(projected[:, 0], full[:, 0])[0, 1]), 1.0, atol=1e-2)
 
 
 def test_pairwise_histogram_counts_every_pair_once_in_blocks():
@@ -231,6 +275,43 @@ def test_tiny_memory_budget_subsamples_and_says_so(run_dir):
     assert "random subsample of 20 of 36 images" in html
 
 
+def test_large_sets_take_nearest_neighbours_on_a_seeded_subsample_and_say_so(run_dir, monkeypatch):
+    run_dir, files, embeddings, selected = run_dir
+    monkeypatch.setattr(report_distances, "MAX_NEAREST_PAIRS", 100)
+    monkeypatch.setattr(report_distances, "MIN_NEAREST_QUERIES", 5)
+    write_report(run_dir, n_example_images=3, seed=3)
+    report = json.loads((run_dir / "report.json").read_text())
+    stats = report["nearest_neighbour_distances"]
+    points = unit(embeddings.astype(np.float64))
+    nearest_rng = np.random.default_rng(np.random.SeedSequence(3).spawn(5)[4])
+    sampled_input = np.sort(nearest_rng.choice(36, 5, replace=False))
+    assert stats["input"]["sample"] == {"n_queries": 5, "of": 36} and stats["input"]["n_points"] == 5
+    expected = brute_force_stats(within_set_nearest(points)[sampled_input])
+    for key, value in expected.items():
+        assert stats["input"][key] == pytest.approx(value, abs=1e-5), key
+    assert stats["selection"]["sample"] == {"n_queries": 8, "of": 12}, "max(5, 100 // 12) queries"
+    assert stats["removed_to_selection"]["sample"] == {"n_queries": 8, "of": 24}
+    to_kept = brute_force_distances(points[~selected], points[selected]).min(axis=1)
+    assert len(report["example_pairs"]) == 3
+    assert all(np.abs(to_kept - pair["distance"]).min() < 1e-5 for pair in report["example_pairs"])
+    assert any("subsample of 5 of 36 images" in note for note in report["notes"])
+    assert "a seeded random subsample" in report["plot_captions"]["plots/nearest_neighbour_distances.png"]
+    pairs_caption = report["plot_captions"]["plots/example_pairs.png"]
+    assert "among a seeded random subsample of 8 of the 24 removed" in pairs_caption
+
+
+def test_points_passed_by_the_caller_give_the_same_report(run_dir):
+    run_dir, _, embeddings, _ = run_dir
+    write_report(run_dir, seed=4)
+    first = json.loads((run_dir / "report.json").read_text())
+    write_report(run_dir, seed=4, points=unit(embeddings.astype(np.float64)).astype(np.float32))
+    second = json.loads((run_dir / "report.json").read_text())
+    for name, stats in first["nearest_neighbour_distances"].items():
+        assert second["nearest_neighbour_distances"][name] == pytest.approx(stats, abs=2e-6), name
+    with pytest.raises(ValueError, match="points has shape"):
+        write_report(run_dir, points=embeddings[:5])
+
+
 # ---- the artifacts ---------------------------------------------------------------------------------
 
 def test_plots_are_valid_pngs_and_nothing_temporary_is_left(run_dir):
@@ -268,11 +349,11 @@ def test_html_embeds_every_plot_and_fetches_nothing(run_dir):
 
 def test_without_embeddings_the_report_has_counts_only(run_dir):
     run_dir = run_dir[0]
-    (run_dir / "data/embeddings.csv").unlink()
+    (run_dir / "data/embeddings.npy").unlink()
     result = write_report(run_dir)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["counts"]["candidates"] == 36 and result.artifacts == ["report.json", "report.html"]
-    assert "data/embeddings.csv" in (run_dir / "report.html").read_text()
+    assert "data/embeddings.npy" in (run_dir / "report.html").read_text()
 
 
 def test_missing_images_leave_a_placeholder_not_an_error(run_dir):

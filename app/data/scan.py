@@ -20,15 +20,22 @@ never wrong. The same picture re-encoded is a near duplicate; the coreset's min_
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
+import itertools
 import logging
 import os
 import posixpath
+import signal
 import stat
+from collections import deque
+from concurrent.futures import Executor, Future
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
@@ -47,6 +54,10 @@ log = logging.getLogger("thresher")
 
 # A multi-frame image (an animated GIF, a multi-page TIFF) is used by its first frame.
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# Images per chunk sent to a check process: large enough that the pipe is idle, small enough that
+# the progress bar moves and an interrupted scan stops within a chunk.
+CHUNK_FILES = 256
+NO_DIGEST = bytes(32)  # in the digest column of a file that has none (has_digest tells it apart)
 
 
 @dataclass
@@ -99,6 +110,11 @@ def corruption_reason(path: Path, data: Optional[bytes] = None) -> Optional[str]
                 data = handle.read()
     except OSError as error:
         return unreadable_reason(error)
+    return decode_problem(data)
+
+
+def decode_problem(data: bytes) -> Optional[str]:
+    """corruption_reason of a file's bytes."""
     try:
         if not data:
             return "empty file (0 bytes)"
@@ -117,15 +133,140 @@ def corruption_reason(path: Path, data: Optional[bytes] = None) -> Optional[str]
 
 def inspect_file(read: Callable[[], bytes], decode: bool, digest: bool) -> Tuple[Optional[str], Optional[str]]:
     """(corruption reason or None, SHA-256 of the bytes or None), reading the file once."""
+    reason, sha = inspect_bytes(read, decode, digest)
+    return reason, None if sha is None else sha.hex()
+
+
+def inspect_bytes(read: Callable[[], bytes], decode: bool, digest: bool) -> Tuple[Optional[str], Optional[bytes]]:
+    """inspect_file with the digest as its 32 bytes."""
     try:
         data = read() if (decode or digest) else None
     except OSError as error:
         return unreadable_reason(error), None
     except Exception as error:  # a bucket's read errors, already retried by its filesystem
         return f"unreadable: {type(error).__name__}: {error}", None
-    reason = corruption_reason(Path("."), data) if decode else None
-    sha = hashlib.sha256(data).hexdigest() if digest and data is not None and reason is None else None
+    reason = decode_problem(data) if decode else None
+    sha = hashlib.sha256(data).digest() if digest and data is not None and reason is None else None
     return reason, sha
+
+
+class CheckedChunk(NamedTuple):
+    """What the check found in a run of consecutive images, as columns: the positions (in the
+    chunk) that failed and why, and every image's digest (zeros where it has none)."""
+    failed: np.ndarray  # int64 positions
+    reasons: List[str]
+    digests: np.ndarray  # 'S32'
+    has_digest: np.ndarray  # bool
+
+
+def check_chunk(root: str, names: List[str], decode: bool, digest: bool) -> CheckedChunk:
+    """Read, decode and hash `names` under the folder `root`: what a check process runs on a chunk
+    of names (it opens the files itself; only names and these columns cross the pipe)."""
+    source = source_for(root)
+    return checked_columns([inspect_bytes(lambda name=name: source.read_bytes(name), decode, digest)
+                            for name in names])
+
+
+def checked_columns(found: List[Tuple[Optional[str], Optional[bytes]]]) -> CheckedChunk:
+    failed = [index for index, (reason, _) in enumerate(found) if reason is not None]
+    digests = np.frombuffer(b"".join(sha or NO_DIGEST for _, sha in found), dtype="S32")
+    has_digest = np.fromiter((sha is not None for _, sha in found), dtype=bool, count=len(found))
+    return CheckedChunk(np.array(failed, dtype=np.int64), [found[index][0] for index in failed], digests, has_digest)
+
+
+def check_workers(num_workers: Optional[int]) -> int:
+    """Check processes for a folder's images (hardware.num_workers): None and -1 one per available
+    core, 0 none (the check runs in this process)."""
+    if num_workers is None or num_workers == -1:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(num_workers)
+
+
+def _leave_signals_to_the_scan() -> None:
+    """A check process ignores SIGINT (a terminal's Ctrl-C reaches the whole process group) and
+    dies on SIGTERM, whatever handlers it was forked with: the scan stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def checked_chunks(source: Source, images: List[str], decode: bool, digest: bool,
+                   processes: int) -> Iterator[Tuple[int, CheckedChunk]]:
+    """(first image index, what the check found) for consecutive chunks of `images`, in order.
+
+    A folder's images are checked by `processes` processes (decoding is CPU work the GIL would
+    serialise), each opening the files itself; a bucket's on threads (they wait on the network);
+    with no processes, in this process. The processes are started here, before the caller starts
+    any thread of its own (a progress bar's)."""
+    chunk = max(16, min(CHUNK_FILES, -(-len(images) // (8 * max(processes, 1)))))
+    starts = range(0, len(images), chunk)
+    if source.is_url:
+        workers = min(16, 2 * (os.cpu_count() or 1))
+        results = bounded_map(lambda name: inspect_bytes(lambda: source.read_bytes(name), decode, digest), images,
+                              workers, window=64)
+        return ((start, checked_columns(list(itertools.islice(results, chunk)))) for start in starts)
+    if processes == 0:
+        return ((start, check_chunk(source.location, images[start:start + chunk], decode, digest))
+                for start in starts)
+    return _pool_chunks(source.location, images, starts, chunk, decode, digest, processes)
+
+
+def _process_context():
+    """fork where it is safe, for it starts at once: on Linux, from a process with no other Python
+    thread (none can hold a lock the child would need; native threads, OpenMP's, run nothing the
+    child calls, and glibc's malloc is fork-safe). Else a fork server with this module loaded, or
+    spawn: check_chunk needs nothing of this process but its arguments."""
+    import multiprocessing
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _pool_chunks(root: str, images: List[str], starts: range, chunk: int, decode: bool, digest: bool,
+                 processes: int) -> Iterator[Tuple[int, CheckedChunk]]:
+    """check_chunk on `processes` processes, two chunks each in flight; the processes start before
+    this returns. Left early (an error, an interrupt), the chunks not started are dropped and the
+    processes end after their current one."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(processes, mp_context=_process_context(), initializer=_leave_signals_to_the_scan)
+    submitted = ((start, pool.submit(check_chunk, root, images[start:start + chunk], decode, digest))
+                 for start in starts)
+    try:
+        pending = deque(itertools.islice(submitted, 2 * processes))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return _pool_results(pool, pending, submitted, images, chunk)
+
+
+def _pool_results(pool: Executor, pending: Deque[Tuple[int, Future]], submitted: Iterator[Tuple[int, Future]],
+                  images: List[str], chunk: int) -> Iterator[Tuple[int, CheckedChunk]]:
+    """The pool's results in order, one more chunk submitted for each that comes back: the names
+    in flight, and the results waiting, stay a few chunks however many images there are."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    finished = False
+    try:
+        while pending:
+            first, future = pending.popleft()
+            try:
+                checked = future.result()
+            except BrokenProcessPool:
+                raise UserError(f"scan: a check process died (out of memory, or a decoder crashed) on one of the "
+                                f"{len(images[first:first + chunk])} images from {escape_name(images[first])} on; "
+                                f"hardware.num_workers=0 checks them in the scan's own process") from None
+            pending.extend(itertools.islice(submitted, 1))
+            yield first, checked
+        finished = True
+    finally:
+        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def relevant_entries(text: str) -> List[str]:
@@ -199,10 +340,34 @@ def read_relevant_objects(list_file: str, source: Source) -> Tuple[List[Tuple[st
 def labels_for(files: List[str]) -> Tuple[List[str], List[int]]:
     """ImageFolder labels: the first-level folder is the class. A flat folder is all class 0 (as
     lightly labels it); files beside class folders get -1 (unlabelled)."""
-    classes = sorted({f.split("/", 1)[0] for f in files if "/" in f})
+    classes = class_names(files)
+    return classes, label_array(files, classes).tolist()
+
+
+def class_names(files: Iterable[str]) -> List[str]:
+    return sorted({f.split("/", 1)[0] for f in files if "/" in f})
+
+
+def label_array(files: List[str], classes: List[str]) -> np.ndarray:
+    """labels_for's labels as int64, for files whose classes are among `classes`."""
     index = {name: i for i, name in enumerate(classes)}
-    labels = [index[f.split("/", 1)[0]] if "/" in f else (-1 if classes else 0) for f in files]
-    return classes, labels
+    unlabelled = -1 if classes else 0
+    return np.fromiter((index[f.split("/", 1)[0]] if "/" in f else unlabelled for f in files), dtype=np.int64,
+                       count=len(files))
+
+
+def duplicates_of(digests: np.ndarray, has_digest: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(duplicate, the first with its digest): positions, by duplicate. The first of equal digests
+    is the earliest position, as a scan in this order would find them."""
+    candidates = np.flatnonzero(has_digest)
+    order = candidates[np.argsort(digests[candidates], kind="stable")]
+    in_order = digests[order]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = in_order[1:] != in_order[:-1]
+    firsts = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
+    duplicate = ~starts
+    by_position = np.argsort(order[duplicate], kind="stable")
+    return order[duplicate][by_position], firsts[duplicate][by_position]
 
 
 def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
@@ -220,18 +385,21 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     missing: List[Tuple[str, str]] = []
     skipped: List[Tuple[str, str]] = []
     relevant = cfg.data.get("relevant_filenames_file")
+    etags: Dict[str, Optional[str]] = {}  # a bucket's objects: the ETags that datasource.process_all=false keeps
     if relevant and source.is_url:
         listed, missing, skipped = read_relevant_objects(relevant, source)
+        etags = dict(listed)
     elif relevant:
         names, missing, skipped = read_relevant_filenames(Path(relevant), Path(input_dir))
-        listed = [(name, None) for name in names]
     else:
-        listed = []
+        names = []
         for found in source.list_files(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS):
-            if found.problem is None:
-                listed.append((found.name, found.etag))
-            else:
+            if found.problem is not None:
                 skipped.append((found.name, found.problem))
+            elif source.is_url:
+                etags[found.name] = found.etag
+            else:
+                names.append(found.name)
     for entry, why in missing:
         log.warning("relevant_filenames_file entry skipped: %s (%s)", escape_name(entry), why)
     skipped.sort()
@@ -243,18 +411,20 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     if source.is_url and datasource is not None and not datasource.process_all:
         state_path = datasource_state_path(cfg.work_dir, source.location)
         seen = load_seen(state_path)
-        fresh = [(name, etag) for name, etag in listed if seen.get(name) != etag]
-        already_seen = len(listed) - len(fresh)
+        fresh = {name: etag for name, etag in etags.items() if seen.get(name) != etag}
+        already_seen = len(etags) - len(fresh)
         if already_seen:
             log.info("scan: %d objects of %s were seen by an earlier run and are skipped "
                      "(datasource.process_all=true scans them again)", already_seen, source)
-        if listed and not fresh:
-            raise UserError(f"no new objects under {source}: all {len(listed)} were processed by an earlier run "
+        if etags and not fresh:
+            raise UserError(f"no new objects under {source}: all {len(etags)} were processed by an earlier run "
                             f"(state in {state_path}); set datasource.process_all=true to process them again")
-        listed = fresh
-    names = sorted(name for name, _ in listed)
-    images = [name for name in names if not is_video(name)]
+        etags = fresh
+    if source.is_url:
+        names = list(etags)
+    names.sort()
     videos = [name for name in names if is_video(name)]
+    images = [name for name in names if not is_video(name)] if videos else names
     if not names:
         where = f"listed in {relevant}" if relevant else f"under {input_dir}"
         raise UserError(f"no usable images or videos {where} (looked for "
@@ -262,73 +432,99 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
                         f"{f'; {len(skipped)} not used, see the log' if skipped else ''})")
 
     corrupt: List[Tuple[str, str]] = []
-    duplicates: List[Tuple[str, str]] = []
     decode, digest = bool(cfg.enable_corruptness_check), bool(cfg.remove_exact_duplicates)
-    first_with_digest: Dict[str, str] = {}
-    workers = min(16 if source.is_url else 8, 2 * (os.cpu_count() or 1))
-
-    def check(name: str, reason: Optional[str], sha: Optional[str]) -> None:
-        if reason is not None:
-            corrupt.append((name, reason))
-            log.warning("corrupt image skipped: %s (%s)", name, reason)
-        elif sha is not None:
-            if sha in first_with_digest:
-                duplicates.append((name, first_with_digest[sha]))
-            else:
-                first_with_digest[sha] = name
-
+    failed = np.zeros(len(images), dtype=bool)
+    digests = np.zeros(len(images) if digest else 0, dtype="S32")
+    has_digest = np.zeros(len(digests), dtype=bool)
     frames: List[str] = []
+    frame_duplicates: List[Tuple[str, str]] = []
     video_info: Dict[str, dict] = {}
+    checks = None
+    if decode or digest:
+        processes = 0 if source.is_url else check_workers(cfg.hardware.get("num_workers"))
+        checks = checked_chunks(source, images, decode, digest, processes)
     with Progress(len(images) + len(videos), "scan") as bar:
-        if decode or digest:
-            def reader(name: str):
-                return inspect_file(lambda: source.read_bytes(name), decode, digest)
-
-            for name, (reason, sha) in zip(images, bounded_map(reader, images, workers, window=64)):
-                check(name, reason, sha)
-                bar.update(1)
+        if checks is not None:
+            with closing(checks):  # an interrupt stops the check processes now, not when the traceback goes
+                for start, checked in checks:
+                    failed[start + checked.failed] = True
+                    for position, reason in zip(checked.failed.tolist(), checked.reasons):
+                        corrupt.append((images[start + position], reason))
+                        log.warning("corrupt image skipped: %s (%s)", images[start + position], reason)
+                    if digest:
+                        stop = start + len(checked.digests)
+                        digests[start:stop], has_digest[start:stop] = checked.digests, checked.has_digest
+                    bar.update(len(checked.digests))
         else:
             bar.update(len(images))
-        threshold = float(cfg.get("corruptness_check", {}).get("corruption_threshold", 0.1))
-        use_metadata = bool(datasource is not None and datasource.use_frame_count_metadata)
+        duplicate, first = duplicates_of(digests, has_digest)
+        if videos:
+            first_frame_with_digest: Dict[str, str] = {}
+            unique = np.flatnonzero(has_digest)
+            unique = np.setdiff1d(unique, duplicate, assume_unique=True)
+            unique = unique[np.argsort(digests[unique])]
+            unique_digests = digests[unique]
 
-        def scan_one(video: str):
-            opener = (lambda: source.open(video)) if source.is_url else (lambda: str(source.local_path(video)))
-            return scan_video(opener, video, decode, digest, threshold, use_metadata)
+            def first_image_with(sha: str) -> Optional[str]:
+                value = np.array(bytes.fromhex(sha), dtype="S32")
+                at = int(np.searchsorted(unique_digests, value))
+                return images[unique[at]] if at < len(unique) and unique_digests[at] == value else None
 
-        # a few videos at a time: each holds one decoded frame and its demuxer's buffers
-        for found in bounded_map(scan_one, videos, workers=min(4, workers), window=min(4, workers)):
-            if found.problem:
-                corrupt.append((found.video, found.problem))
-                log.warning("video %s: %s", found.video, found.problem)
-            for name, reason, sha in found.frames:
-                frames.append(name)
-                check(name, reason, sha)
-            video_info[found.video] = found.summary()
-            bar.update(1)
+            def check(name: str, reason: Optional[str], sha: Optional[str]) -> None:
+                if reason is not None:
+                    corrupt.append((name, reason))
+                    log.warning("corrupt image skipped: %s (%s)", name, reason)
+                elif sha is not None:
+                    earlier = first_image_with(sha) or first_frame_with_digest.get(sha)
+                    if earlier is not None:
+                        frame_duplicates.append((name, earlier))
+                    else:
+                        first_frame_with_digest[sha] = name
 
-    files = sorted(images + frames)
-    classes, labels = labels_for(files)
-    left_out = {name for name, _ in corrupt} | {name for name, _ in duplicates}
-    good = [(f, label) for f, label in zip(files, labels) if f not in left_out]
+            threshold = float(cfg.get("corruptness_check", {}).get("corruption_threshold", 0.1))
+            use_metadata = bool(datasource is not None and datasource.use_frame_count_metadata)
+            workers = min(4, 2 * (os.cpu_count() or 1))
 
-    artifacts.write_input_files(run_dir, [f for f, _ in good], [label for _, label in good])
+            def scan_one(video: str):
+                opener = (lambda: source.open(video)) if source.is_url else (lambda: str(source.local_path(video)))
+                return scan_video(opener, video, decode, digest, threshold, use_metadata)
+
+            # a few videos at a time: each holds one decoded frame and its demuxer's buffers
+            for found in bounded_map(scan_one, videos, workers=workers, window=workers):
+                if found.problem:
+                    corrupt.append((found.video, found.problem))
+                    log.warning("video %s: %s", found.video, found.problem)
+                for name, reason, sha in found.frames:
+                    frames.append(name)
+                    check(name, reason, sha)
+                video_info[found.video] = found.summary()
+                bar.update(1)
+
+    n_duplicates = len(duplicate) + len(frame_duplicates)
+    classes = class_names(itertools.chain(images, frames))
+    keep = ~failed
+    keep[duplicate] = False
+    left_out_frames = {name for name, _ in corrupt} | {name for name, _ in frame_duplicates}
+    good = list(heapq.merge(itertools.compress(images, keep), sorted(f for f in frames if f not in left_out_frames)))
+
+    artifacts.write_input_files(run_dir, good, label_array(good, classes))
     artifacts.write_dataset(run_dir, Dataset(source.location, classes))
     artifacts.write_corrupt_files(run_dir, corrupt)
-    artifacts.write_duplicate_files(run_dir, duplicates)
+    artifacts.write_duplicate_files(run_dir, itertools.chain(
+        ((images[d], images[f]) for d, f in zip(duplicate.tolist(), first.tolist())), frame_duplicates))
     artifacts.write_missing_files(run_dir, missing)
     artifacts.write_unused_files(run_dir, skipped)
-    result = ScanResult(n_files=len(files), n_images=len(good), n_corrupt=len(corrupt),
-                        n_duplicates=len(duplicates), n_missing=len(missing), n_classes=len(classes),
+    result = ScanResult(n_files=len(images) + len(frames), n_images=len(good), n_corrupt=len(corrupt),
+                        n_duplicates=n_duplicates, n_missing=len(missing), n_classes=len(classes),
                         input_dir=str(source.location), n_videos=len(videos), n_video_frames=len(frames),
                         n_unused=len(skipped), n_already_seen=already_seen)
     if videos:
         artifacts.write_videos(run_dir, video_info)
         result.artifacts.append(VIDEOS)
     if state_path is not None:
-        save_seen(state_path, source.location, {**seen, **{name: etag for name, etag in listed if etag}})
+        save_seen(state_path, source.location, {**seen, **{name: etag for name, etag in etags.items() if etag}})
     log.info("scan: %d images and %d video frames (%d videos) in %s: %d usable, %d corrupt, %d exact "
              "duplicates, %d listed but missing, %d not used (%s); %d classes", len(images), len(frames),
-             len(videos), source, len(good), len(corrupt), len(duplicates), len(missing), len(skipped),
+             len(videos), source, len(good), len(corrupt), n_duplicates, len(missing), len(skipped),
              UNUSED_FILES, len(classes))
     return result

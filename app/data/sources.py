@@ -109,6 +109,23 @@ def open_regular_file(path: str) -> BinaryIO:
         raise
 
 
+def read_regular_file(path: str) -> bytes:
+    """The bytes of `path` if it is a regular file (refused as open_regular_file refuses it), read
+    with raw reads sized by its stat: the scan reads a million small files."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file: {file_kind(info.st_mode)}", path)
+        os.set_blocking(fd, True)
+        parts = []
+        while part := os.read(fd, max(info.st_size + 1, 1 << 16) if not parts else 1 << 20):
+            parts.append(part)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def _is_folder(entry: os.DirEntry) -> bool:
     try:
         return entry.is_dir()
@@ -279,8 +296,7 @@ class Source:
 
     def read_bytes(self, name: str) -> bytes:
         if not self.is_url:
-            with open_regular_file(self._path(name)) as handle:
-                return handle.read()
+            return read_regular_file(self._path(name))
         return self.fs.cat_file(self._path(name))
 
     def open(self, name: str):

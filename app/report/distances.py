@@ -21,6 +21,18 @@ HISTOGRAM_BINS = 50
 # of HISTOGRAM_BINS, so merged bins always fit.
 FINE_BINS = 2000
 BYTES_PER_DISTANCE = 4  # float32
+# Nearest-neighbour statistics search for every query while queries × points stays within this
+# many distances (1e8 × d=512 is about 1e11 multiply-adds: seconds), else for a seeded subsample of
+# queries (at least MIN_NEAREST_QUERIES), each still against the whole set.
+MAX_NEAREST_PAIRS = 2e8
+# 200 queries against 1e6 points: about 1e11 multiply-adds, a few seconds on 2 cores (under a
+# tenth of the coreset's time there), and enough values for the statistics' quantiles.
+MIN_NEAREST_QUERIES = 200
+# A pairwise histogram needs no more pairs than these points make (3.4e7) to settle its shape;
+# beyond them a seeded subsample is used even when the memory budget would allow more.
+HISTOGRAM_MAX_POINTS = 8192
+# The PCA axes are fitted on at most this many evenly spaced rows, then every row is projected.
+PCA_FIT_ROWS = 16384
 
 
 def _block_distances(queries: np.ndarray, points: np.ndarray, points_sq: np.ndarray) -> np.ndarray:
@@ -31,22 +43,29 @@ def _block_distances(queries: np.ndarray, points: np.ndarray, points_sq: np.ndar
 
 
 def nearest_neighbours(queries: np.ndarray, points: np.ndarray, exclude_self: bool = False,
-                       block: int = BLOCK, progress: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+                       block: int = BLOCK, progress: Optional[str] = None, query_rows: Optional[np.ndarray] = None,
+                       point_rows: Optional[np.ndarray] = None,
+                       self_index: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """For each query, the distance to and index of its nearest point.
 
-    `exclude_self`: queries and points are the same set, and a point is not its own neighbour (an
-    exact duplicate elsewhere still counts, at distance 0). A query with no candidate gets inf, -1.
+    `query_rows` / `point_rows`: the queries and points are these rows of the matrices (all when
+    None), gathered a block at a time so a subset costs no copy of it; a returned index is a
+    position among the points. `self_index[i]`: the point that query i is (not its own neighbour);
+    `exclude_self`: queries and points are the same set. An exact duplicate elsewhere still counts,
+    at distance 0. A query with no candidate gets inf, -1.
     The search runs in float32; each found distance is then recomputed exactly in float64, since the
     Gram-matrix shortcut loses precision for near duplicates, which are the pairs that matter here.
     """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    points = np.ascontiguousarray(points, dtype=np.float32)
-    n_queries, n_points = len(queries), len(points)
-    best = np.full(n_queries, np.inf, dtype=np.float32)
+    query_set, point_set = _Rows(queries, query_rows), _Rows(points, point_rows)
+    n_queries, n_points = len(query_set), len(point_set)
+    if exclude_self:
+        self_index = np.arange(n_queries)
+    exact = np.full(n_queries, np.inf)
     index = np.full(n_queries, -1, dtype=np.int64)
     if n_queries == 0 or n_points == 0:
-        return best.astype(np.float64), index
-    points_sq = (points * points).sum(axis=1)
+        return exact, index
+    points_sq = np.concatenate([np.einsum("ij,ij->i", point_set[p0:p0 + block], point_set[p0:p0 + block])
+                                for p0 in range(0, n_points, block)])
 
     bar = None
     if progress and n_queries * n_points >= 4 * block * block:
@@ -56,28 +75,93 @@ def nearest_neighbours(queries: np.ndarray, points: np.ndarray, exclude_self: bo
     try:
         for q0 in range(0, n_queries, block):
             q1 = min(q0 + block, n_queries)
+            query_block = query_set[q0:q1]
+            scaled_queries = -2.0 * query_block
+            best = np.full(q1 - q0, np.inf, dtype=np.float32)
+            rows = np.arange(q1 - q0)
             for p0 in range(0, n_points, block):
                 p1 = min(p0 + block, n_points)
-                distances = _block_distances(queries[q0:q1], points[p0:p1], points_sq[p0:p1])
-                if exclude_self and p0 < q1 and q0 < p1:
-                    rows = np.arange(max(q0, p0), min(q1, p1))
-                    distances[rows - q0, rows - p0] = np.inf
-                column = distances.argmin(axis=1)
-                found = distances[np.arange(q1 - q0), column]
-                better = found < best[q0:q1]
-                best[q0:q1][better] = found[better]
+                # |p|² − 2 q·p orders the points as their distances to q do (|q|² is the same for
+                # the row): one product and one pass, no square roots; the winner is recomputed below
+                scores = scaled_queries @ point_set[p0:p1].T
+                scores += points_sq[None, p0:p1]
+                if self_index is not None:
+                    mine = (self_index[q0:q1] >= p0) & (self_index[q0:q1] < p1)
+                    scores[rows[mine], self_index[q0:q1][mine] - p0] = np.inf
+                column = scores.argmin(axis=1)
+                found = scores[rows, column]
+                better = found < best
+                best[better] = found[better]
                 index[q0:q1][better] = column[better] + p0
+            has = index[q0:q1] >= 0
+            difference = query_block[has].astype(np.float64) - point_set.take(index[q0:q1][has]).astype(np.float64)
+            exact[q0:q1][has] = np.linalg.norm(difference, axis=1)
             if bar is not None:
                 bar.update(q1 - q0)
     finally:
         if bar is not None:
             bar.close()
-
-    exact = np.full(n_queries, np.inf)
-    has = index >= 0
-    difference = queries[has].astype(np.float64) - points[index[has]].astype(np.float64)
-    exact[has] = np.linalg.norm(difference, axis=1)
     return exact, index
+
+
+class _Rows:
+    """Rows `rows` of a matrix (all when None) as float32, sliced a block at a time."""
+
+    def __init__(self, matrix: np.ndarray, rows: Optional[np.ndarray]):
+        self.matrix, self.rows = matrix, rows
+
+    def __len__(self) -> int:
+        return len(self.matrix) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        chosen = self.matrix[part] if self.rows is None else self.matrix[self.rows[part]]
+        return np.ascontiguousarray(chosen, dtype=np.float32)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(self.matrix[positions if self.rows is None else self.rows[positions]], dtype=np.float32)
+
+
+@dataclass
+class NearestSample:
+    """Nearest-neighbour distances of a seeded subsample of a query set (or of all of it)."""
+
+    distances: np.ndarray
+    index: np.ndarray  # each sampled query's nearest point, a position in the point set
+    queries: np.ndarray  # the sampled queries, positions in the query set, ascending
+    n_queries: int  # the query set's size
+
+    @property
+    def subsampled(self) -> bool:
+        return len(self.queries) < self.n_queries
+
+
+def query_sample(n_queries: int, n_points: int, rng: np.random.Generator) -> np.ndarray:
+    """Which queries to search for, ascending: all when queries × points ≤ MAX_NEAREST_PAIRS, else
+    a seeded subsample of max(MIN_NEAREST_QUERIES, MAX_NEAREST_PAIRS / points), so the work stays
+    bounded at any N."""
+    max_pairs, min_queries = MAX_NEAREST_PAIRS, MIN_NEAREST_QUERIES
+    if n_queries * n_points <= max_pairs or n_queries <= min_queries:
+        return np.arange(n_queries)
+    size = min(n_queries, max(min_queries, int(max_pairs // max(n_points, 1))))
+    return np.sort(rng.choice(n_queries, size, replace=False))
+
+
+def sampled_nearest_neighbours(points: np.ndarray, rng: np.random.Generator, query_rows: Optional[np.ndarray] = None,
+                               point_rows: Optional[np.ndarray] = None, candidates: Optional[np.ndarray] = None,
+                               within_set: bool = False, progress: Optional[str] = None) -> NearestSample:
+    """Exact nearest neighbours of a seeded subsample of the queries (rows `query_rows` of
+    `points`) among rows `point_rows` of `candidates` (default `points`). `within_set`: the queries
+    are the points themselves (`query_rows` = `point_rows`), and a point is not its own neighbour."""
+    candidates = points if candidates is None else candidates
+    if within_set:
+        query_rows = point_rows
+    n_queries = len(points) if query_rows is None else len(query_rows)
+    n_points = len(candidates) if point_rows is None else len(point_rows)
+    sample = query_sample(n_queries, n_points, rng)
+    rows = sample if query_rows is None else query_rows[sample]
+    distances, index = nearest_neighbours(points, candidates, query_rows=rows, point_rows=point_rows,
+                                          self_index=sample if within_set else None, progress=progress)
+    return NearestSample(distances, index, sample, n_queries)
 
 
 def distance_stats(distances: np.ndarray) -> Dict[str, Optional[float]]:
@@ -122,10 +206,11 @@ class PairwiseHistogram:
 def pairwise_histogram(points: np.ndarray, memory_requirement_in_GB: float, rng: np.random.Generator,
                        bins: int = FINE_BINS, block: int = BLOCK) -> PairwiseHistogram:
     """Histogram of all pairwise distances of `points`, or of a seeded subsample of them when their
-    pairwise matrix would not fit in `memory_requirement_in_GB`. The matrix is never held whole:
-    it is walked block by block above the diagonal, so the budget is an upper bound."""
+    pairwise matrix would not fit in `memory_requirement_in_GB` (or they are more than
+    HISTOGRAM_MAX_POINTS). The matrix is never held whole: it is walked block by block above the
+    diagonal, so the budget is an upper bound."""
     n_points = len(points)
-    n_used = min(n_points, max_points_for_memory(memory_requirement_in_GB))
+    n_used = min(n_points, max_points_for_memory(memory_requirement_in_GB), HISTOGRAM_MAX_POINTS)
     chosen = np.sort(rng.choice(n_points, n_used, replace=False)) if n_used < n_points else np.arange(n_points)
     sample = np.ascontiguousarray(points[chosen], dtype=np.float32)
     sample_sq = (sample * sample).sum(axis=1)
@@ -140,34 +225,35 @@ def pairwise_histogram(points: np.ndarray, memory_requirement_in_GB: float, rng:
             if c0 == r0:  # the diagonal block: only the pairs above its diagonal
                 distances = distances[np.triu(np.ones(distances.shape, dtype=bool), k=1)]
             values = np.clip(distances.ravel(), *DISTANCE_RANGE)
-            counts += np.histogram(values, bins=edges)[0]
+            # equal bins take numpy's arithmetic path (no sort); in float64 it bins exactly as the edges do
+            counts += np.histogram(values.astype(np.float64), bins=bins, range=DISTANCE_RANGE)[0]
             total += float(values.sum(dtype=np.float64))
     n_pairs = n_used * (n_used - 1) // 2
     mean = round(total / n_pairs, 6) if n_pairs else None
     return PairwiseHistogram(n_points, n_used, n_pairs, mean, edges, counts)
 
 
-def pca_2d(points: np.ndarray, block: int = 65536) -> np.ndarray:
-    """The first two principal components of every point, from the SVD of the d×d covariance
-    (accumulated in blocks, so no N×d float64 copy); signs fixed so the result is deterministic."""
-    points = np.asarray(points, dtype=np.float32)
+def pca_2d(points: np.ndarray, block: int = 65536, fit_rows: int = PCA_FIT_ROWS) -> np.ndarray:
+    """The first two principal components of every point. The axes come from the SVD of the d×d
+    covariance of at most `fit_rows` evenly spaced rows (two axes need no more, and it keeps the
+    fit O(fit_rows·d²) at any N); signs fixed so the result is deterministic."""
     n, dim = points.shape
     if n == 0:
         return np.zeros((0, 2))
-    mean = points.mean(axis=0, dtype=np.float64)
-    covariance = np.zeros((dim, dim))
-    for start in range(0, n, block):
-        centred = points[start:start + block].astype(np.float64) - mean
-        covariance += centred.T @ centred
-    components, _, _ = np.linalg.svd(covariance)
+    fit = np.asarray(points[::max(1, -(-n // fit_rows))], dtype=np.float64)
+    mean = fit.mean(axis=0)
+    fit -= mean
+    components, _, _ = np.linalg.svd(fit.T @ fit)
+    del fit
     axes = components[:, :2]
     if axes.shape[1] < 2:
         axes = np.pad(axes, ((0, 0), (0, 2 - axes.shape[1])))
     signs = np.sign(axes[np.abs(axes).argmax(axis=0), [0, 1]])
     axes = axes * np.where(signs == 0, 1.0, signs)
     projected = np.empty((n, 2))
+    axes32, offset = axes.astype(np.float32), mean @ axes  # float32 is plenty for a scatter plot
     for start in range(0, n, block):
-        projected[start:start + block] = (points[start:start + block].astype(np.float64) - mean) @ axes
+        projected[start:start + block] = np.asarray(points[start:start + block], dtype=np.float32) @ axes32 - offset
     return projected
 
 

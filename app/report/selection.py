@@ -15,11 +15,12 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from app import artifacts
-from app.artifacts import (EMBEDDINGS, NEAREST_PNG, PAIRS_PNG, PAIRWISE_INPUT_PNG, PAIRWISE_SELECTION_PNG, PCA_PNG,
-                           REPORT_HTML, REPORT_JSON, TIMELINE_PNG)
-from app.report.distances import (distance_stats, max_points_for_memory, nearest_neighbours, on_common_bins,
-                                  pairwise_histogram, pca_2d)
+from app.artifacts import (EMBEDDING_MATRIX, EMBEDDING_ROWS, NEAREST_PNG, PAIRS_PNG, PAIRWISE_INPUT_PNG,
+                           PAIRWISE_SELECTION_PNG, PCA_PNG, REPORT_HTML, REPORT_JSON, TIMELINE_PNG)
+from app.report.distances import (distance_stats, max_points_for_memory, on_common_bins, pairwise_histogram,
+                                  pca_2d, sampled_nearest_neighbours)
 from app.report.page import read_report, write_report_files
+from app.sampling.embedding_matrix import has_embeddings, normalize_in_place, read_embeddings, read_rows
 
 log = logging.getLogger("thresher")
 
@@ -69,19 +70,22 @@ def _last_pick_distance(run_dir: Path) -> Optional[float]:
 
 def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in_GB: float = 2.0,
                  seed: int = 0, pool_embeddings: Optional[np.ndarray] = None,
-                 show_video_sampling_timeline: bool = True) -> ReportResult:
+                 show_video_sampling_timeline: bool = True, points: Optional[np.ndarray] = None) -> ReportResult:
     """Write report.json, report.html and plots/ for the selection in `run_dir`.
 
     `pool_embeddings`: the datapool's embeddings (images selected in earlier runs), for its own
     nearest-neighbour statistics and the selection's distance to it. `memory_requirement_in_GB`
     bounds the pairwise-distance histograms, which use a seeded subsample beyond it.
     `show_video_sampling_timeline`: with video input, plot which frames of each video were selected.
+    `points`: the run's embeddings, L2-normalised, rows in the order of data/embedding_rows.csv, from
+    a caller that holds them already (the select stage), so the report makes no second N×d copy;
+    None reads and normalises them here.
     """
     run_dir = Path(run_dir)
     sampled, removed = artifacts.read_sampled(run_dir) or [], artifacts.read_removed(run_dir)
     corrupt, duplicates = artifacts.read_corrupt_files(run_dir), artifacts.read_duplicate_files(run_dir)
-    streams = np.random.SeedSequence(seed).spawn(4)
-    random_rng, input_rng, selection_rng, scatter_rng = (np.random.default_rng(s) for s in streams)
+    streams = np.random.SeedSequence(seed).spawn(5)
+    random_rng, input_rng, selection_rng, scatter_rng, nearest_rng = (np.random.default_rng(s) for s in streams)
 
     report: Dict = {"counts": {}, "distance": "euclidean between L2-normalised embeddings", "seed": seed}
     notes: List[str] = []
@@ -96,49 +100,63 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
             notes.append(f"The embedding backbone ({embedding_model.model}) was RANDOMLY "
                          f"INITIALISED: no model.weights, no checkpoint, no enable_training. The distances "
                          f"below describe random features; give weights for a meaningful selection.")
-    if not (run_dir / EMBEDDINGS).is_file():
-        notes.append(f"No {EMBEDDINGS} in this run: distances and plots need the embed stage.")
+    if not has_embeddings(run_dir):
+        notes.append(f"No {EMBEDDING_MATRIX} in this run: distances and plots need the embed stage.")
     else:
-        from app.sampling.coreset import normalize_rows
-        from app.sampling.embeddings_io import read_embeddings_csv
-
-        files, embeddings, _ = read_embeddings_csv(run_dir / EMBEDDINGS)
-        points = normalize_rows(embeddings.astype(np.float32))
+        if points is None:
+            embeddings = read_embeddings(run_dir)
+            files, points = embeddings.files, normalize_in_place(embeddings.vectors)
+            del embeddings
+        else:
+            files, _ = read_rows(run_dir)
+            if points.ndim != 2 or len(points) != len(files):
+                raise ValueError(f"points has shape {points.shape}, but {EMBEDDING_ROWS} lists {len(files)} rows")
         n_candidates = len(files)
-        position = {name: i for i, name in enumerate(files)}
-        unknown = [name for name in sampled if name not in position]
-        if unknown:
+        wanted = set(sampled)
+        selected = np.fromiter((name in wanted for name in files), dtype=bool, count=n_candidates)
+        chosen, left_out = np.flatnonzero(selected), np.flatnonzero(~selected)
+        if len(chosen) < len(wanted):
+            embedded = {files[i] for i in chosen}
+            unknown = [name for name in sampled if name not in embedded]
             log.warning("report: %d selected files have no embedding (e.g. %s); left out of the distances",
                         len(unknown), unknown[0])
-        selected = np.zeros(n_candidates, dtype=bool)
-        selected[[position[name] for name in sampled if name in position]] = True
-        chosen, left_out = np.flatnonzero(selected), np.flatnonzero(~selected)
         report["embedding_dim"] = int(points.shape[1])
 
-        # Nearest neighbours, each within its own set; blockwise, so memory stays O(N·d).
-        nearest: Dict[str, np.ndarray] = {}
-        nearest["input"], _ = nearest_neighbours(points, points, exclude_self=True,
-                                                 progress="report: nearest neighbours")
-        nearest["selection"], _ = nearest_neighbours(points[chosen], points[chosen], exclude_self=True)
+        # Nearest neighbours, each within its own set: exact for every query, or for a seeded
+        # subsample of queries (each against its whole set) when queries × set would be too many.
         subset = np.sort(random_rng.permutation(n_candidates)[:len(chosen)])
-        nearest["random"], _ = nearest_neighbours(points[subset], points[subset], exclude_self=True)
+        searches = {"input": sampled_nearest_neighbours(points, nearest_rng, within_set=True,
+                                                        progress="report: nearest neighbours"),
+                    "selection": sampled_nearest_neighbours(points, nearest_rng, point_rows=chosen, within_set=True),
+                    "random": sampled_nearest_neighbours(points, nearest_rng, point_rows=subset, within_set=True)}
         if pool_embeddings is not None:
-            pool = np.asarray(pool_embeddings, dtype=np.float32)
+            pool = np.array(pool_embeddings, dtype=np.float32)
             if pool.ndim != 2 or pool.shape[1] != points.shape[1]:
                 raise ValueError(f"pool_embeddings has shape {pool.shape}, but the run's embeddings have "
                                  f"dimension {points.shape[1]}: expected shape (n, {points.shape[1]})")
-            pool = normalize_rows(pool)
-            nearest["datapool"], _ = nearest_neighbours(pool, pool, exclude_self=True)
-            nearest["selection_to_datapool"], _ = nearest_neighbours(points[chosen], pool)
-        to_kept, kept_index = nearest_neighbours(points[left_out], points[chosen])
-        stats = {name: distance_stats(d) for name, d in nearest.items()}
+            normalize_in_place(pool)
+            searches["datapool"] = sampled_nearest_neighbours(pool, nearest_rng, within_set=True)
+            searches["selection_to_datapool"] = sampled_nearest_neighbours(points, nearest_rng, query_rows=chosen,
+                                                                           candidates=pool)
+        to_selection = sampled_nearest_neighbours(points, nearest_rng, query_rows=left_out, point_rows=chosen)
+        searches["removed_to_selection"] = to_selection
+        nearest = {name: search.distances for name, search in searches.items() if name != "removed_to_selection"}
+        stats = {}
+        for name, search in searches.items():
+            stats[name] = distance_stats(search.distances)
+            if search.subsampled:
+                stats[name]["sample"] = {"n_queries": len(search.queries), "of": search.n_queries}
+                notes.append(f"Nearest-neighbour distances '{name}' are from a seeded random subsample of "
+                             f"{len(search.queries):,} of {search.n_queries:,} images, each searched against the "
+                             f"whole set (exact top-1), to bound the work.")
         stats["random"]["seed"] = seed
-        stats["removed_to_selection"] = distance_stats(to_kept)
         report["nearest_neighbour_distances"] = stats
         report["last_pick_distance"] = _last_pick_distance(run_dir)
 
+        to_kept, kept_index = to_selection.distances, to_selection.index
+        removed_rows = left_out[to_selection.queries]
         order = np.argsort(to_kept, kind="stable")[:max(n_example_images, 0)]
-        pairs = [{"retained": files[chosen[kept_index[i]]], "removed": files[left_out[i]],
+        pairs = [{"retained": files[chosen[kept_index[i]]], "removed": files[removed_rows[i]],
                   "distance": round(float(to_kept[i]), 6)} for i in order if kept_index[i] >= 0]
         report["example_pairs"] = pairs
 
@@ -164,18 +182,23 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
                                       run_dir / PAIRWISE_SELECTION_PNG)
         plots.plot_nearest_neighbour_histograms(nearest, run_dir / NEAREST_PNG)
         plots.plot_pca(pca_2d(points), selected, scatter_rng, run_dir / PCA_PNG)
+        sampled_sets = [name for name, search in searches.items() if search.subsampled and name in nearest]
         captions = {
             PAIRWISE_INPUT_PNG: "Pairwise distances between all candidates (before selection), log scale.",
             PAIRWISE_SELECTION_PNG: "Pairwise distances within the selection (after), log scale: a "
                                     "diverse selection has few small distances.",
             NEAREST_PNG: "Distance from each image to its nearest neighbour in the same set; the "
-                         "random subset has the selection's size.",
+                         "random subset has the selection's size." + (
+                             f" For {', '.join(sampled_sets)}: a seeded random subsample of the images (the "
+                             f"n in the legend), each against its whole set." if sampled_sets else ""),
             PCA_PNG: "All candidates on their first two principal components, the selection in red.",
         }
         if n_example_images > 0:
             plots.plot_example_pairs(pairs, _input_dir(run_dir), run_dir / PAIRS_PNG)
+            among = (f" (among a seeded random subsample of {len(to_selection.queries):,} of the "
+                     f"{to_selection.n_queries:,} removed images)" if to_selection.subsampled else "")
             captions[PAIRS_PNG] = (f"The {min(len(pairs), plots.MAX_PAIRS_DRAWN)} removed images closest to a "
-                                   f"selected image, each beside that image, with their distance.")
+                                   f"selected image{among}, each beside that image, with their distance.")
         report["plots"] = list(captions)
 
     input_videos = artifacts.read_videos(run_dir)

@@ -41,8 +41,11 @@ them); the largest wins, ties to the lowest index. The distance reported for eve
 computed the same way, and min_distance is checked on it. Centers skipped by the triangle
 inequality are farther, by a margin of more than 2·eps, than the point's own center.
 
-Memory is O(N·d): a float64 copy of the points, the centers (at most N + pool rows), a few vectors
-of length N, and GEMM blocks of bounded size; never an N×N matrix.
+Memory: the caller's float32 points are used where they are (no copy), and blocks of them are
+converted to float64 where a GEMM or an exact distance needs them; the conversion is exact, so the
+float64 values are those of the float32 points and the bounds above hold as they are. Beyond the
+points: the centers (float64 and float32, at most N + pool rows), a few vectors of length N, and
+blocks of bounded size; never a copy of the points, never an N×N matrix.
 """
 from __future__ import annotations
 
@@ -54,9 +57,11 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-# Float32 entries per temporary GEMM block (64 MiB) and float64 entries per exact block.
+# Float32 entries per temporary GEMM block (64 MiB), float64 entries per exact block, and float64
+# entries per block of points converted in a pass over all of them (8 MiB).
 _BLOCK = 1 << 24
 _EXACT_BLOCK = 1 << 22
+_PASS_BLOCK = 1 << 20
 _UNIT_ROUNDOFF = 2.0 ** -53
 
 
@@ -100,13 +105,15 @@ def select_coreset(embeddings: np.ndarray, n_samples: int, min_distance: float =
         return CoresetSelection([], [], "n_samples")
     first = None if pool_rows.shape[0] else int(np.random.default_rng(seed).integers(n))
     # Copies of a point are equally far from everything: the lowest index stands for them all, and
-    # the others come last, at distance 0, in index order (exactly what the reference does).
-    distinct, copy_of = _distinct_rows(points)
+    # the others come last, at distance 0, in index order (exactly what the reference does). The
+    # greedy sees them as picked from the start, so it needs no matrix of the distinct rows.
+    stands_for = _distinct_rows(points)
+    copies = (stands_for != torch.arange(n, device=stands_for.device)).nonzero().squeeze(1)
     with _full_float32_matmul():
-        kcenter = _GreedyKCenter(points if distinct.numel() == n else points[distinct], pool_rows)
-        picks, distances, stopped_by = kcenter.select(min(n_samples, distinct.numel()), min_distance,
-                                                      None if first is None else int(copy_of[first]))
-    indices = distinct[torch.as_tensor(picks, dtype=torch.int64, device=distinct.device)].tolist()
+        kcenter = _GreedyKCenter(points, pool_rows, copies)
+        picks, distances, stopped_by = kcenter.select(min(n_samples, n - copies.numel()), min_distance,
+                                                      None if first is None else int(stands_for[first]))
+    indices = picks
     if first is not None:
         indices[0] = first  # the random pick may be any copy, not the lowest
     if stopped_by != "min_distance" and len(indices) < min(n_samples, n):
@@ -210,10 +217,10 @@ def _as_tensors(embeddings, pool, device):
     return points, pool_rows
 
 
-def _distinct_rows(points: torch.Tensor):
-    """(distinct, copy_of): the lowest index of each group of equal rows, ascending, and for every
-    row the position in `distinct` of its group. Rows are grouped by a hash of their bits and
-    compared before they are merged, so a hash collision only costs a merge."""
+def _distinct_rows(points: torch.Tensor) -> torch.Tensor:
+    """For every row, the lowest index of the rows equal to it (its own index when it is the first).
+    Rows are grouped by a hash of their bits and compared before they are merged, so a hash collision
+    only costs a merge."""
     n, d = points.shape
     generator = torch.Generator().manual_seed(20240611)
     multipliers = (torch.randint(-2 ** 62, 2 ** 62, (d,), generator=generator) * 2 + 1).to(points.device)
@@ -227,7 +234,7 @@ def _distinct_rows(points: torch.Tensor):
     repeats = (sorted_hashes[1:] == sorted_hashes[:-1]).nonzero().squeeze(1) + 1
     everything = torch.arange(n, device=points.device)
     if repeats.numel() == 0:
-        return everything, everything
+        return everything
     run_starts = torch.ones(n, dtype=torch.bool, device=points.device)
     run_starts[repeats] = False
     run_first = order[run_starts.nonzero().squeeze(1)][run_starts.cumsum(0) - 1]  # stable sort: lowest index first
@@ -237,8 +244,17 @@ def _distinct_rows(points: torch.Tensor):
         m, f = members[start:start + rows], firsts[start:start + rows]
         equal = (points[m] == points[f]).all(dim=1)
         stands_for[m[equal]] = f[equal]
-    distinct = (stands_for == everything).nonzero().squeeze(1)
-    return distinct, torch.searchsorted(distinct, stands_for)
+    return stands_for
+
+
+def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Float64 squared norms of float32 rows, converted a block at a time."""
+    norms = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
+    step = max(1, _PASS_BLOCK // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step].to(torch.float64)
+        norms[start:start + step] = (block * block).sum(dim=1)
+    return norms
 
 
 def _check_finite(squared_norms: torch.Tensor, name: str) -> None:
@@ -270,24 +286,21 @@ class _GreedyKCenter:
     For every point: `nearest`, the estimated squared distance to its nearest center among the
     centers it has seen (-inf once picked); `seen`, how many centers it has seen (centers are
     numbered in the order they were added, pool first); `owner`, the center that estimate belongs to.
-    A point is up to date when seen == the number of centers."""
+    A point is up to date when seen == the number of centers. `points` and `pool_rows` stay float32
+    (the caller's); the rows a GEMM needs are converted to float64 as it needs them. `copies`: rows
+    equal to a lower one, never picked here (select_coreset adds them last)."""
 
-    def __init__(self, points: torch.Tensor, pool_rows: torch.Tensor):
+    def __init__(self, points: torch.Tensor, pool_rows: torch.Tensor, copies: torch.Tensor):
         self.device = points.device
         n, d = points.shape
         self.n, self.d = n, d
-        self.points = torch.empty((n, d), dtype=torch.float64, device=self.device)
-        self.norms = torch.empty(n, dtype=torch.float64, device=self.device)
-        rows = max(1, _BLOCK // d)
-        for start in range(0, n, rows):
-            block = points[start:start + rows].to(torch.float64)
-            self.points[start:start + rows] = block
-            self.norms[start:start + rows] = (block * block).sum(dim=1)
-        self.pool_rows = pool_rows.to(torch.float64)
-        pool_norms = (self.pool_rows * self.pool_rows).sum(dim=1)
+        self.points = points
+        self.norms = _squared_norms(points)
+        self.pool_rows, self.pool_norms = pool_rows, _squared_norms(pool_rows)
+        self.copies = copies
         _check_finite(self.norms, "embeddings")
-        _check_finite(pool_norms, "pool")
-        largest = float(torch.cat([self.norms.max().reshape(1), pool_norms.max().reshape(1)
+        _check_finite(self.pool_norms, "pool")
+        largest = float(torch.cat([self.norms.max().reshape(1), self.pool_norms.max().reshape(1)
                                    if pool_rows.shape[0] else self.norms.new_zeros(1)]).max())
         # |estimate − exact| <= eps for every pair (float64 GEMM and exact_squared_distances both).
         self.eps = 1.1 * (d + 32) * _UNIT_ROUNDOFF * 4.0 * largest
@@ -296,7 +309,7 @@ class _GreedyKCenter:
         # The triangle inequality can only ever skip a center for a point whose squared distance is
         # below largest norm² (the diameter bounds d(c, q)); it pays off well below that.
         self.prune_below = 0.5 * largest
-        self.centers = self.points.new_empty((max(16, pool_rows.shape[0] + 64), d))
+        self.centers = self.norms.new_empty((max(16, pool_rows.shape[0] + 64), d))
         self.centers32 = points.new_empty(self.centers.shape)
         self.center_norms = self.norms.new_empty(self.centers.shape[0])
         self.n_centers = 0
@@ -309,6 +322,7 @@ class _GreedyKCenter:
     # -- centers and distances -------------------------------------------------------------------
 
     def _add_centers(self, rows: torch.Tensor, norms: torch.Tensor) -> None:
+        """Float32 rows become the next centers (kept in float64 for the GEMMs, float32 for screening)."""
         need = self.n_centers + rows.shape[0]
         if need > self.centers.shape[0]:
             grown = max(need, 2 * self.centers.shape[0])
@@ -331,7 +345,7 @@ class _GreedyKCenter:
         return torch.addmm(sums, rows, centers.T, beta=1.0, alpha=-2.0).clamp_(min=0.0)
 
     def _exact_nearest(self, rows: torch.Tensor, row_norms: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
-        """Exact squared distance from each row to its nearest center among centers [0, limit).
+        """Exact squared distance from each float32 row to its nearest center among centers [0, limit).
 
         The exact nearest center's estimate is within 2·eps of the smallest estimate, so only the
         centers that close are recomputed exactly."""
@@ -341,11 +355,12 @@ class _GreedyKCenter:
         width = int(limits.max())
         if width == 0:
             return out
-        step = max(1, _BLOCK // width)
+        step = max(1, min(_BLOCK // width, _EXACT_BLOCK // self.d))
         columns = torch.arange(width, device=self.device)
         for start in range(0, rows.shape[0], step):
             part = slice(start, start + step)
-            estimates = self._estimate(rows[part], row_norms[part], self.centers[:width], self.center_norms[:width])
+            estimates = self._estimate(rows[part].to(torch.float64), row_norms[part], self.centers[:width],
+                                       self.center_norms[:width])
             beyond = columns[None, :] >= limits[part, None]
             estimates.masked_fill_(beyond, math.inf)
             smallest = estimates.min(dim=1).values
@@ -360,7 +375,8 @@ class _GreedyKCenter:
     def _meet(self, index: torch.Tensor, columns: torch.Tensor) -> None:
         """Lower the estimates of points `index` with the centers numbered `columns`."""
         columns_rows, columns_norms = self.centers[columns], self.center_norms[columns]
-        estimates = self._estimate(self.points[index], self.norms[index], columns_rows, columns_norms)
+        estimates = self._estimate(self.points[index].to(torch.float64), self.norms[index], columns_rows,
+                                   columns_norms)
         smallest, which = estimates.min(dim=1)
         current = self.nearest[index]
         closer = smallest < current
@@ -389,7 +405,7 @@ class _GreedyKCenter:
         for start in range(0, index.numel(), _SIZES.rows):
             part = index[start:start + _SIZES.rows]
             nearest, owner, seen = self.nearest[part], self.owner[part], self.seen[part]
-            rows, row_norms = self.points[part], self.norms[part]
+            rows, row_norms = self.points[part].to(torch.float64), self.norms[part]
             active = torch.arange(part.numel(), device=self.device)  # positions in `part` still going
             first = int(seen.min())
             while active.numel() and first < self.n_centers:
@@ -486,8 +502,9 @@ class _GreedyKCenter:
         values = self.nearest[current].clone()
         owners = self.owner[current].clone()
         batch_positions = torch.topk(values, batch).indices
-        between = self._estimate(self.points[current[batch_positions]], self.norms[current[batch_positions]],
-                                 self.points[current], self.norms[current])
+        rows = self.points[current].to(torch.float64)
+        between = self._estimate(rows[batch_positions], self.norms[current[batch_positions]], rows,
+                                 self.norms[current])
         row_of = torch.full((current.numel(),), -1, dtype=torch.int64, device=self.device)
         row_of[batch_positions] = torch.arange(batch, device=self.device)
         picked = torch.full((batch,), -1, dtype=torch.int64, device=self.device)
@@ -578,11 +595,12 @@ class _GreedyKCenter:
         picks: List[int] = []
         distances: List[float] = []
         if self.pool_rows.shape[0]:
-            self._add_centers(self.pool_rows, (self.pool_rows * self.pool_rows).sum(dim=1))
+            self._add_centers(self.pool_rows, self.pool_norms)
         else:
             picks, distances = [first], [math.inf]
             self._add_centers(self.points[first:first + 1], self.norms[first:first + 1])
         self._meet_first_center()
+        self.nearest[self.copies] = -math.inf
         if first is not None:
             self.nearest[first] = -math.inf
         progress = _progress(target, self.n * self.d)
@@ -615,11 +633,11 @@ class _GreedyKCenter:
         return picks, distances, stopped_by
 
     def _meet_first_center(self) -> None:
-        rows = max(1, _BLOCK // self.d)
+        rows = max(1, _PASS_BLOCK // self.d)
         for start in range(0, self.n, rows):
             part = slice(start, start + rows)
-            self.nearest[part] = self._estimate(self.points[part], self.norms[part], self.centers[:1],
-                                                self.center_norms[:1])[:, 0]
+            self.nearest[part] = self._estimate(self.points[part].to(torch.float64), self.norms[part],
+                                                self.centers[:1], self.center_norms[:1])[:, 0]
         self.owner.zero_()
         self.seen.fill_(1)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -51,24 +51,36 @@ UNKNOWN_RUN = ""
 
 @dataclass
 class Datapool:
+    """The members, columnar: one name per member, the rest in arrays. A member's update (the run
+    that added it and when) is `updates[update_of[i]]`: a few distinct values, not one per member."""
+
     folder: Path
     files: List[str]
     embeddings: Optional[np.ndarray]  # None while the pool is empty
-    labels: List[int]
-    run_ids: List[str]  # the run that added each member
-    added_at: List[str]  # when, as UTC ISO time
+    labels: np.ndarray  # int64
+    update_of: np.ndarray  # int32, an index into updates
+    updates: List[Tuple[str, str]]  # (run_id, added_at as UTC ISO time)
 
     @cached_property
     def members(self) -> frozenset:
         return frozenset(self.files)
 
+    @property
+    def run_ids(self) -> List[str]:
+        return [self.updates[u][0] for u in self.update_of]
+
+    @property
+    def added_at(self) -> List[str]:
+        return [self.updates[u][1] for u in self.update_of]
+
     def without_run(self, run_id: str) -> "Datapool":
-        keep = [i for i, owner in enumerate(self.run_ids) if owner != run_id]
+        own = [u for u, (owner, _) in enumerate(self.updates) if owner == run_id]
+        keep = np.flatnonzero(~np.isin(self.update_of, own))
         if len(keep) == len(self.files):
             return self
-        return Datapool(self.folder, [self.files[i] for i in keep], self.embeddings[keep] if keep else None,
-                        [self.labels[i] for i in keep], [self.run_ids[i] for i in keep],
-                        [self.added_at[i] for i in keep])
+        return Datapool(self.folder, [self.files[i] for i in keep],
+                        self.embeddings[keep] if len(keep) else None, self.labels[keep], self.update_of[keep],
+                        self.updates)
 
 
 def run_id_for(run_dir: Path) -> str:
@@ -119,12 +131,15 @@ def commit_run_selection(pool: Datapool, run_id: str, files: List[str], embeddin
     if keep_history and (folder / EMBEDDINGS).is_file():
         _keep_in_history(folder, run_id)
     added_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    all_files = pool.files + files
+    all_files = pool.files + list(files)
     merged = embeddings if pool.embeddings is None else np.concatenate([pool.embeddings, embeddings])
+    updates = pool.updates + [(run_id, added_at)]
+    update_of = np.concatenate([pool.update_of, np.full(len(files), len(updates) - 1, dtype=np.int32)])
     draft = folder / DRAFT
-    write_embeddings_csv(draft / EMBEDDINGS, all_files, merged, pool.labels + labels)
+    write_embeddings_csv(draft / EMBEDDINGS, all_files, merged,
+                         np.concatenate([pool.labels, np.asarray(labels, dtype=np.int64)]))
     atomic.write_csv(draft / MEMBERS, MEMBERS_HEADER,
-                     zip(all_files, pool.run_ids + [run_id] * len(files), pool.added_at + [added_at] * len(files)))
+                     ((name, *updates[u]) for name, u in zip(all_files, update_of.tolist())))
     os.replace(draft, folder / READY)  # the commit point
     atomic.fsync(folder)
     _finish_update(folder)
@@ -184,7 +199,7 @@ def _keep_in_history(folder: Path, run_id: str) -> None:
 
 
 def _empty(folder: Path) -> Datapool:
-    return Datapool(folder, [], None, [], [], [])
+    return Datapool(folder, [], None, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32), [])
 
 
 def _read(folder: Path) -> Datapool:
@@ -202,21 +217,31 @@ def _read(folder: Path) -> Datapool:
         raise _unusable(folder, f"{repeated!r} appears twice in {EMBEDDINGS} (an older thresher let two "
                                 f"runs add it at once)", f"keep one row per file in {EMBEDDINGS}")
     if (folder / MEMBERS).is_file():
-        member_files, run_ids, added_at = _read_members(folder)
-        if member_files != files:
-            raise _unusable(folder, f"{MEMBERS} and {EMBEDDINGS} list different files (edited by hand?)")
+        update_of, updates = _read_members(folder, files)
     else:  # a pool from before members.csv: its members stay, added by no run that a rerun replaces
-        run_ids, added_at = [UNKNOWN_RUN] * len(files), [""] * len(files)
-    return Datapool(folder, files, embeddings if files else None, labels, run_ids, added_at)
+        update_of, updates = np.zeros(len(files), dtype=np.int32), [(UNKNOWN_RUN, "")]
+    return Datapool(folder, files, embeddings if files else None, np.asarray(labels, dtype=np.int64),
+                    update_of, updates)
 
 
-def _read_members(folder: Path) -> Tuple[List[str], List[str], List[str]]:
+def _read_members(folder: Path, files: List[str]) -> Tuple[np.ndarray, List[Tuple[str, str]]]:
+    """members.csv streamed: each row's update, checked row by row against the embeddings' files."""
+    update_of = np.empty(len(files), dtype=np.int32)
+    index: Dict[Tuple[str, str], int] = {}
     with open(folder / MEMBERS, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        rows = list(csv.reader(handle))
-    if not rows or rows[0] != MEMBERS_HEADER or any(len(row) != len(MEMBERS_HEADER) for row in rows[1:]):
-        raise _unusable(folder, f"{MEMBERS} is not a {','.join(MEMBERS_HEADER)} file")
-    del rows[0]
-    return [row[0] for row in rows], [row[1] for row in rows], [row[2] for row in rows]
+        reader = csv.reader(handle)
+        if next(reader, None) != MEMBERS_HEADER:
+            raise _unusable(folder, f"{MEMBERS} is not a {','.join(MEMBERS_HEADER)} file")
+        row_count = 0
+        for row_count, row in enumerate(reader, start=1):
+            if len(row) != len(MEMBERS_HEADER):
+                raise _unusable(folder, f"{MEMBERS} is not a {','.join(MEMBERS_HEADER)} file")
+            if row_count > len(files) or row[0] != files[row_count - 1]:
+                raise _unusable(folder, f"{MEMBERS} and {EMBEDDINGS} list different files (edited by hand?)")
+            update_of[row_count - 1] = index.setdefault((row[1], row[2]), len(index))
+    if row_count != len(files):
+        raise _unusable(folder, f"{MEMBERS} and {EMBEDDINGS} list different files (edited by hand?)")
+    return update_of, list(index)
 
 
 def _first_repeated(files: List[str]) -> Optional[str]:

@@ -1,7 +1,8 @@
 """Embed stage: the model's backbone turns every usable image into a vector, or a user's own
 embeddings file (`embeddings=PATH`, lightly format) is checked and used instead.
 
-Writes `data/embeddings.csv` in the lightly format (filenames, embedding_0..D-1, labels).
+Writes the float32 matrix `data/embeddings.npy` row by row as it is computed, its rows' names and
+labels in `data/embedding_rows.csv`, and the lightly CSV `data/embeddings.csv` beside them.
 """
 from __future__ import annotations
 
@@ -9,21 +10,22 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from app import artifacts
-from app.artifacts import EMBEDDING_MODEL, EMBEDDINGS, EmbeddingModel
+from app.artifacts import EMBEDDING_MATRIX, EMBEDDING_MODEL, EMBEDDING_ROWS, EMBEDDINGS, EmbeddingModel
 from app.config import embedding_model_name
-from app.data.images import ImageFiles, image_transform, make_loader
+from app.data.images import ImagesToEmbed, collate_pixels, make_loader, normalize_pixels
 from app.device import loader_workers
 from app.errors import UserError
 from app.models import build_backbone
 from app.progress import Progress
-from app.sampling.embeddings_io import read_embeddings_csv, write_embeddings_csv
+from app.sampling.embedding_matrix import EmbeddingsWriter, compact_rows, write_embeddings
+from app.sampling.embeddings_io import read_embeddings_csv
 
 log = logging.getLogger("thresher")
 
@@ -36,7 +38,8 @@ class EmbedResult:
     compute_efficiency: float = 0.0
     ssl_epochs: int = 0
     ssl_loss: List[float] = field(default_factory=list)
-    artifacts: List[str] = field(default_factory=lambda: [EMBEDDINGS, EMBEDDING_MODEL])
+    artifacts: List[str] = field(
+        default_factory=lambda: [EMBEDDING_MATRIX, EMBEDDING_ROWS, EMBEDDINGS, EMBEDDING_MODEL])
 
 
 def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedResult:
@@ -58,71 +61,98 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
     artifacts.write_embedding_model(run_dir, EmbeddingModel(
         model=model_name, weights=weights, self_supervised_epochs=ssl_details.get("ssl_epochs", 0),
         randomly_initialised=not weights and not cfg.enable_training))
-    model.eval().to(device)
-    dataset = ImageFiles(input_dir, files, labels, image_transform(cfg.data.image_size))
-    loader = make_loader(dataset, cfg.sampler.batch_size, loader_workers(cfg.hardware.num_workers, device),
-                         pin_memory=device.type == "cuda")
-
-    embeddings = np.zeros((len(files), dim), dtype=np.float32)
-    embedded = np.zeros(len(files), dtype=bool)
-    failures: List[Tuple[str, str]] = []
-    # compute efficiency = model time / loop time, as lightly reports it: near 1 means the device is
-    # kept busy, near 0 means loading images is the bottleneck (raise hardware.num_workers).
-    compute_s, started = 0.0, time.perf_counter()
-    with torch.inference_mode(), Progress(len(files), "embed") as bar:
-        for images, _, indices, failed in loader:
-            failures += [(files[i], reason) for i, reason in failed]
-            if len(indices):
-                began = time.perf_counter()
-                vectors = model(images.to(device, non_blocking=True)).float().cpu().numpy()
-                compute_s += time.perf_counter() - began
-                embeddings[indices.numpy()] = vectors
-                embedded[indices.numpy()] = True
-            efficiency = compute_s / max(time.perf_counter() - started, 1e-9)
-            bar.update(len(indices) + len(failed), eff=round(efficiency, 2))
-        rate = bar.rate
-    for name, reason in failures:
-        log.warning("image failed to load while embedding, skipped: %s (%s)", name, reason)
-    artifacts.add_corrupt_files(run_dir, failures)
-
-    keep = np.flatnonzero(embedded)
-    write_embeddings_csv(run_dir / EMBEDDINGS, [files[i] for i in keep], embeddings[keep],
-                         [labels[i] for i in keep])
-    return EmbedResult(n_embedded=len(keep), embedding_dim=dim, images_per_s=round(rate, 2),
+    # channels_last: the convolutions' fast layout on the CPU (oneDNN) and on tensor cores.
+    model.eval().to(device, memory_format=torch.channels_last)
+    loader = make_loader(ImagesToEmbed(input_dir, files, cfg.data.image_size), cfg.sampler.batch_size,
+                         loader_workers(cfg.hardware.num_workers, device), pin_memory=device.type == "cuda",
+                         collate=collate_pixels)
+    writer = EmbeddingsWriter(run_dir, len(files), dim)
+    try:
+        embedded, failures, rate, efficiency = embed_into(writer, model, loader, len(files), device)
+        for index, reason in failures:
+            log.warning("image failed to load while embedding, skipped: %s (%s)", files[index], reason)
+        artifacts.add_corrupt_files(run_dir, [(files[index], reason) for index, reason in failures])
+        n_embedded = writer.finish(files, labels, embedded)
+    except BaseException:
+        writer.abandon()
+        raise
+    return EmbedResult(n_embedded=n_embedded, embedding_dim=dim, images_per_s=round(rate, 2),
                        compute_efficiency=round(efficiency if files else 0.0, 3), **ssl_details)
 
 
-def not_yet_in_datapool(cfg: DictConfig, run_dir: Path, files: List[str], labels: List[int]):
+def embed_into(writer: EmbeddingsWriter, model: torch.nn.Module, loader, n_files: int,
+               device: torch.device) -> Tuple[np.ndarray, List[Tuple[int, str]], float, float]:
+    """Embed every batch the loader gives into the writer's rows; returns which rows were embedded,
+    the (index, error) of the images that failed to load, images per second and compute efficiency."""
+    embedded = np.zeros(n_files, dtype=bool)
+    failures: List[Tuple[int, str]] = []
+    # compute efficiency = model time / loop time, as lightly reports it: near 1 means the device is
+    # kept busy, near 0 means loading images is the bottleneck (raise hardware.num_workers).
+    compute_s, efficiency, started = 0.0, 0.0, time.perf_counter()
+    with torch.inference_mode(), Progress(n_files, "embed") as bar:
+        for pixels, indices, failed in loader:
+            failures += failed
+            if len(indices):
+                images = normalize_pixels(pixels.to(device, non_blocking=True))
+                began = time.perf_counter()
+                vectors = model(images.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+                compute_s += time.perf_counter() - began
+                rows = indices.numpy()
+                writer.put(rows, vectors)
+                embedded[rows] = True
+            efficiency = compute_s / max(time.perf_counter() - started, 1e-9)
+            bar.update(len(indices) + len(failed), eff=round(efficiency, 2))
+        return embedded, failures, bar.rate, efficiency
+
+
+def not_yet_in_datapool(cfg: DictConfig, run_dir: Path, files: List[str], labels: Sequence[int]):
     """Images other runs put into the datapool are neither embedded again nor candidates again;
     this run's own earlier members are candidates again, since its new selection replaces them."""
     from app.sampling.datapool import datapool_folder, load_datapool, run_id_for
 
     pool = load_datapool(datapool_folder(cfg.work_dir, cfg.datapool.name))
     members = pool.without_run(run_id_for(run_dir)).members
-    kept = [(f, label) for f, label in zip(files, labels) if f not in members]
-    if len(kept) < len(files):
+    new = np.fromiter((name not in members for name in files), dtype=bool, count=len(files))
+    if not new.all():
         log.info("datapool %s: %d images already in the pool are left out", cfg.datapool.name,
-                 len(files) - len(kept))
-    if not kept:
+                 len(files) - int(new.sum()))
+    if not new.any():
         raise UserError(f"every usable image is already in datapool {cfg.datapool.name!r}: nothing new to select")
-    return [f for f, _ in kept], [label for _, label in kept]
+    return [name for name, is_new in zip(files, new) if is_new], np.asarray(labels, dtype=np.int64)[new]
 
 
-def use_given_embeddings(path: Path, files: List[str], labels: List[int], run_dir: Path) -> EmbedResult:
-    """Check a user's embeddings file and keep the rows of the images the scan found usable."""
+def use_given_embeddings(path: Path, files: List[str], labels: Sequence[int], run_dir: Path) -> EmbedResult:
+    """Check a user's embeddings file and keep the rows of the images the scan found usable, in
+    the scan's order."""
+    import pyarrow.compute as pc
+
     given_files, vectors, _ = read_embeddings_csv(path, strict=True)
-    row_of = {name: i for i, name in enumerate(given_files)}
-    usable = [i for i, name in enumerate(files) if name in row_of]
+    # Each usable image's row in the file (null: none), matched in Arrow: no dict of a million names.
+    row_of = pc.index_in(arrow_names(files), value_set=arrow_names(given_files))
+    usable = np.flatnonzero(row_of.is_valid().to_numpy(zero_copy_only=False))
+    rows = row_of.drop_null().to_numpy().astype(np.int64)
     unknown = len(given_files) - len(usable)
+    del given_files
     if unknown:
         log.warning("embeddings=%s: %d rows name files that are not usable images here (corrupt, "
                     "duplicate, or not in the input): left out", path, unknown)
     if len(usable) < len(files):
         log.warning("embeddings=%s has no row for %d usable images: they are left out of the selection",
                     path, len(files) - len(usable))
-    if not usable:
+    if not len(usable):
         raise UserError(f"embeddings={str(path)!r} names none of the {len(files)} usable images: are the "
                         f"file names relative to the input folder?")
-    kept = vectors[[row_of[files[i]] for i in usable]]
-    write_embeddings_csv(run_dir / EMBEDDINGS, [files[i] for i in usable], kept, [labels[i] for i in usable])
+    if vectors.flags.writeable and np.all(rows[1:] > rows[:-1]):  # in the scan's order: no second matrix
+        kept = compact_rows(vectors, rows)
+    else:
+        kept = vectors[rows]
+    write_embeddings(run_dir, [files[i] for i in usable], np.asarray(labels, dtype=np.int64)[usable], kept)
     return EmbedResult(n_embedded=len(usable), embedding_dim=int(vectors.shape[1]), images_per_s=0.0)
+
+
+def arrow_names(names: Sequence[str]):
+    """File names as an Arrow binary column, their bytes as on disk (a name that is not UTF-8 was
+    read surrogate-escaped, which Arrow's strings refuse)."""
+    import pyarrow as pa
+
+    return pa.array((name.encode("utf-8", "surrogateescape") for name in names), pa.binary(), size=len(names))

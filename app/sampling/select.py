@@ -13,10 +13,11 @@ Writes `filenames/sampled_filenames.txt` and `filenames/removed_filenames.txt` (
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
@@ -39,6 +40,7 @@ class SelectResult:
     n_near_duplicates: Optional[int] = None
     n_datapool: Optional[int] = None
     n_dumped: Optional[int] = None
+    report_s: Optional[float] = None  # of the stage's time, the report's
     artifacts: List[str] = field(default_factory=lambda: [SAMPLED, REMOVED, SELECTION])
 
 
@@ -58,49 +60,32 @@ def images_to_pick(budget: Budget, n_candidates: int) -> int:
 def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     method = cfg.sampler.method
     sampler = get_sampler(method)
-    n_datapool = None
-    if not sampler.needs_embeddings:
-        files, labels = artifacts.read_input_files(run_dir)
-        all_files, embeddings, near_duplicates, pool = files, None, None, None
-        picks, distances, stopped_by = choose(cfg, files, None, None, device, sampler)
-        order = sorted(set(picks))
+    if sampler.needs_embeddings:
+        choice = choose_from_embeddings(cfg, run_dir, device, sampler)
     else:
-        from app.sampling.embeddings_io import read_embeddings_csv
-
-        files, embeddings, labels = read_embeddings_csv(run_dir / artifacts.EMBEDDINGS)
-        all_files = files
-        near_duplicates = None
-        if cfg.sampler.near_duplicate_distance > 0:
-            files, embeddings, labels, near_duplicates = drop_near_duplicates(cfg, files, embeddings, labels,
-                                                                              run_dir, device)
-        # One lock from reading the pool to writing it: a concurrent run selects relative to this update.
-        with locked_datapool_for(cfg, run_dir) as pool:
-            if pool is not None:
-                files, embeddings, labels = leave_out_datapool_members(pool, files, embeddings, labels)
-            picks, distances, stopped_by = choose(cfg, files, embeddings, pool, device, sampler)
-            order = sorted(set(picks))
-            if pool is not None:
-                from app.sampling.datapool import commit_run_selection, run_id_for
-
-                n_datapool = commit_run_selection(pool, run_id_for(run_dir), [files[i] for i in order],
-                                                  embeddings[order], [labels[i] for i in order],
-                                                  cfg.datapool.keep_history)
+        files, _ = artifacts.read_input_files(run_dir)
+        picks, distances, stopped_by = choose(cfg, files, None, None, device, sampler)
+        choice = Choice(files, files, None, picks, distances, stopped_by)
+    files, picks = choice.files, choice.picks
+    order = sorted(set(picks))
     sampled = [files[i] for i in order]
 
     artifacts.write_sampled(run_dir, sampled)
     sampled_set = set(sampled)
-    artifacts.write_removed(run_dir, (f for f in all_files if f not in sampled_set))
-    artifacts.write_selection(run_dir, [files[i] for i in picks], distances)
-    result = SelectResult(method=method, n_candidates=len(all_files), n_selected=len(picks),
-                          stopped_by=stopped_by, n_datapool=n_datapool)
-    if near_duplicates is not None:
-        result.n_near_duplicates = near_duplicates
+    artifacts.write_removed(run_dir, (f for f in choice.all_files if f not in sampled_set))
+    artifacts.write_selection(run_dir, (files[i] for i in picks), choice.distances)
+    result = SelectResult(method=method, n_candidates=len(choice.all_files), n_selected=len(picks),
+                          stopped_by=choice.stopped_by, n_datapool=choice.n_datapool)
+    if choice.n_near_duplicates is not None:
+        result.n_near_duplicates = choice.n_near_duplicates
         result.artifacts.append(NEAR_DUPLICATES)
-    if embeddings is not None and cfg.dump_sampled_embeddings:
+    if choice.rows is not None and cfg.dump_sampled_embeddings:
+        from app.sampling.embedding_matrix import read_embeddings
         from app.sampling.embeddings_io import write_embeddings_csv
 
-        write_embeddings_csv(run_dir / SELECTED_EMBEDDINGS, sampled, embeddings[order],
-                             [labels[i] for i in order])
+        stored = read_embeddings(run_dir, mmap=True)
+        rows = choice.rows[order]
+        write_embeddings_csv(run_dir / SELECTED_EMBEDDINGS, sampled, stored.vectors[rows], stored.labels[rows])
         result.artifacts.append(SELECTED_EMBEDDINGS)
     if cfg.dump_dataset:
         from app.sampling.dump import dump_images
@@ -111,13 +96,73 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
         result.artifacts.append(SAMPLED_IMAGES)
     from app.report import write_report
 
+    began = time.perf_counter()
     report = write_report(run_dir, cfg.report.n_example_images, cfg.report.memory_requirement_in_GB, cfg.seed,
-                          pool_embeddings=None if pool is None else pool.embeddings,
+                          pool_embeddings=choice.pool_embeddings, points=choice.points,
                           show_video_sampling_timeline=cfg.report.show_video_sampling_timeline)
     result.artifacts += report.artifacts
-    log.info("select: %s kept %d of %d images (stopped by %s); report: %s", method, len(picks), len(all_files),
-             stopped_by, run_dir / artifacts.REPORT_HTML)
+    result.report_s = round(time.perf_counter() - began, 2)
+    log.info("select: %s kept %d of %d images (stopped by %s); report: %s", method, len(picks),
+             len(choice.all_files), choice.stopped_by, run_dir / artifacts.REPORT_HTML)
     return result
+
+
+@dataclass
+class Choice:
+    """What a sampler chose. `picks` index `files`, the candidates left after near duplicates and
+    datapool members; `rows`: each candidate's row in the embeddings matrix (None without
+    embeddings). `points`: every row of the matrix, L2-normalised, for the report, when that is
+    what the selection worked on (None: the report reads the matrix itself)."""
+
+    all_files: List[str]
+    files: List[str]
+    rows: Optional[np.ndarray]
+    picks: List[int]
+    distances: Optional[List[float]]
+    stopped_by: str
+    n_near_duplicates: Optional[int] = None
+    n_datapool: Optional[int] = None
+    pool_embeddings: Optional[np.ndarray] = None
+    points: Optional[np.ndarray] = None
+
+
+def choose_from_embeddings(cfg: DictConfig, run_dir: Path, device, sampler: Sampler) -> Choice:
+    """Read the matrix once into memory and work on it in place: normalised, then compacted to the
+    candidates, so the stage holds one N×d float32 array whatever it leaves out."""
+    from app.sampling.embedding_matrix import compact_rows, normalize_in_place, read_embeddings
+
+    stored = read_embeddings(run_dir)
+    all_files, vectors = stored.files, stored.vectors
+    rows = np.arange(len(all_files))
+    if cfg.sampler.normalize_embeddings:
+        normalize_in_place(vectors)
+    whole = True
+    n_near_duplicates = None
+    if cfg.sampler.near_duplicate_distance > 0:
+        keep, n_near_duplicates = drop_near_duplicates(cfg, all_files, vectors, run_dir, device)
+        if len(keep) < len(rows):
+            vectors, rows, whole = compact_rows(vectors, keep), rows[keep], False
+    files = all_files if whole else [all_files[i] for i in rows]
+    # One lock from reading the pool to writing it: a concurrent run selects relative to this update.
+    with locked_datapool_for(cfg, run_dir) as pool:
+        if pool is not None:
+            fresh = fresh_candidates(pool, files, vectors.shape[1])
+            if len(fresh) < len(files):
+                vectors, rows, whole = compact_rows(vectors, fresh), rows[fresh], False
+                files = [files[i] for i in fresh]
+        picks, distances, stopped_by = choose(cfg, files, vectors, pool, device, sampler, normalized=True)
+        n_datapool = None
+        if pool is not None:
+            from app.sampling.datapool import commit_run_selection, run_id_for
+
+            order = sorted(set(picks))
+            raw = read_embeddings(run_dir, mmap=True)
+            n_datapool = commit_run_selection(pool, run_id_for(run_dir), [files[i] for i in order],
+                                              np.asarray(raw.vectors[rows[order]]), stored.labels[rows[order]],
+                                              cfg.datapool.keep_history)
+    points = vectors if whole and cfg.sampler.normalize_embeddings else None
+    return Choice(all_files, files, rows, picks, distances, stopped_by, n_near_duplicates, n_datapool,
+                  None if pool is None else pool.embeddings, points)
 
 
 def locked_datapool_for(cfg: DictConfig, run_dir: Path):
@@ -130,51 +175,67 @@ def locked_datapool_for(cfg: DictConfig, run_dir: Path):
     return locked_datapool(datapool_folder(cfg.work_dir, cfg.datapool.name), run_id_for(run_dir))
 
 
-def leave_out_datapool_members(pool, files: List[str], embeddings: np.ndarray, labels: List[int]):
-    """The embed stage left out the members of its time; a run that updated the pool since then
-    made some of the candidates members too."""
+def fresh_candidates(pool, files: List[str], dim: int) -> np.ndarray:
+    """The candidates that are not members: the embed stage left out the members of its time; a
+    run that updated the pool since then made some of the candidates members too."""
     from app.sampling.datapool import check_dimension
 
-    check_dimension(pool, embeddings.shape[1])
-    fresh = [i for i, name in enumerate(files) if name not in pool.members]
+    check_dimension(pool, dim)
+    members = pool.members
+    fresh = np.fromiter((i for i, name in enumerate(files) if name not in members), dtype=np.int64)
     if len(fresh) < len(files):
         log.info("datapool %s: %d candidates are members already (another run added them after this run's "
                  "embed stage): left out", pool.folder.name, len(files) - len(fresh))
-    if not fresh:
+    if not len(fresh):
         raise UserError(f"every candidate of this run is already in datapool {pool.folder.name!r} (added by "
                         f"another run meanwhile): nothing new to select")
-    return [files[i] for i in fresh], embeddings[fresh], [labels[i] for i in fresh]
+    return fresh
 
 
-def drop_near_duplicates(cfg: DictConfig, files: List[str], embeddings: np.ndarray, labels: List[int],
-                         run_dir: Path, device):
-    """Leave out images within sampler.near_duplicate_distance of an earlier kept one; list them."""
-    from app.sampling.coreset import normalize_rows
+def drop_near_duplicates(cfg: DictConfig, files: List[str], vectors: np.ndarray, run_dir: Path, device):
+    """(the rows to keep, how many left out): images within sampler.near_duplicate_distance of an
+    earlier kept one go, listed in NEAR_DUPLICATES. `vectors` are normalised already when
+    sampler.normalize_embeddings asks for it."""
     from app.sampling.near_duplicates import find_near_duplicates
 
-    vectors = normalize_rows(embeddings) if cfg.sampler.normalize_embeddings else embeddings
     found = find_near_duplicates(vectors, cfg.sampler.near_duplicate_distance, device)
     artifacts.write_near_duplicates(run_dir, ((files[i], files[j], d) for i, j, d in found))
-    gone = {i for i, _, _ in found}
-    keep = [i for i in range(len(files)) if i not in gone]
-    log.info("select: %d near duplicates (distance < %g) left out", len(gone), cfg.sampler.near_duplicate_distance)
-    return [files[i] for i in keep], embeddings[keep], [labels[i] for i in keep], len(gone)
+    keep = np.ones(len(files), dtype=bool)
+    keep[[i for i, _, _ in found]] = False
+    log.info("select: %d near duplicates (distance < %g) left out", len(found), cfg.sampler.near_duplicate_distance)
+    return np.flatnonzero(keep), len(found)
+
+
+class OneImageEach(Sequence):
+    """Units of one image each, [i] for unit i, made when asked for: no list per candidate."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, unit: int) -> List[int]:
+        if not -self.n <= unit < self.n:
+            raise IndexError(unit)
+        return [unit % self.n]
 
 
 def choose(cfg: DictConfig, files: List[str], embeddings: Optional[np.ndarray], pool, device,
-           sampler: Optional[Sampler] = None):
+           sampler: Optional[Sampler] = None, normalized: bool = False):
     """(picks in pick order, their distances or None, what stopped the selection), by the sampler
-    that sampler.method names; `embeddings` is None for a sampler that needs none."""
+    that sampler.method names; `embeddings` is None for a sampler that needs none. `normalized`:
+    the rows are normalised already as sampler.normalize_embeddings asks."""
     sampler = sampler or get_sampler(cfg.sampler.method)
     length = cfg.sampler.selected_sequence_length
-    units = [[i] for i in range(len(files))]
+    units = OneImageEach(len(files))
     if length > 1:
         from app.sampling.sequences import frame_sequences
 
         units = frame_sequences(files, length)
     vectors = pool_vectors = None
     if sampler.needs_embeddings:
-        vectors, pool_vectors = unit_vectors(cfg, embeddings, units, pool)
+        vectors, pool_vectors = unit_vectors(cfg, embeddings, units, pool, normalized)
     budget = Budget.parse(cfg.sampler.stopping_condition.n_samples)
     count = images_to_pick(budget, len(files))
     n_units = len(units) if budget.is_off else min(-(-count // length), len(units))
@@ -187,13 +248,13 @@ def choose(cfg: DictConfig, files: List[str], embeddings: Optional[np.ndarray], 
     return picks, distances, chosen.stopped_by
 
 
-def unit_vectors(cfg: DictConfig, embeddings: np.ndarray, units: List[List[int]], pool):
+def unit_vectors(cfg: DictConfig, embeddings: np.ndarray, units: List[List[int]], pool, normalized: bool = False):
     """One vector per unit (a sequence: the mean of its frames) and the datapool's vectors, both
     L2-normalised with sampler.normalize_embeddings; the pool's are None without one."""
     from app.sampling.coreset import normalize_rows
 
     normalize = cfg.sampler.normalize_embeddings
-    if normalize:
+    if normalize and not normalized:
         embeddings = normalize_rows(embeddings)
     pool_vectors = None
     if pool is not None and pool.embeddings is not None:
