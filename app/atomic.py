@@ -27,13 +27,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        default_mode(Path(tmp))
         fsync(Path(tmp))
         os.replace(tmp, path)
         fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def default_mode(path: Path) -> None:
+    """The mode a plain open() would have given (mkstemp makes files 0600)."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def fsync(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -16,6 +17,7 @@ EXPECTED_STEPS = ["coreset isotropic", "embed", "train fp32", "train bf16", "tra
 @pytest.mark.slow
 def test_gpu_check_runs_every_step_on_the_cpu(env, tmp_path):
     env["OUT"] = str(tmp_path / "out")
+    env["PYTHON"] = sys.executable  # this checkout's interpreter, wherever its venv is
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--quick"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())

@@ -71,6 +71,15 @@ def read_embeddings(run_dir: Path, mmap: bool = False) -> Embeddings:
     return Embeddings(files, labels, vectors)
 
 
+def read_matrix_rows(run_dir: Path, rows: np.ndarray) -> np.ndarray:
+    """A copy of some rows of the matrix, read through a mapping that is closed again at once: the
+    pages it touched (and their read-around) leave the process's memory with it."""
+    mapped = np.load(Path(run_dir) / EMBEDDING_MATRIX, mmap_mode="r")
+    copied = np.array(mapped[np.asarray(rows)], dtype=np.float32)
+    del mapped  # the last reference: unmapped here
+    return copied
+
+
 def write_embeddings(run_dir: Path, files: Sequence[str], labels: Sequence[int], vectors: np.ndarray,
                      lightly_csv: bool = True) -> None:
     """Write a matrix held in memory (or mapped): the matrix, its rows, and the lightly CSV."""
@@ -87,7 +96,7 @@ def write_embeddings(run_dir: Path, files: Sequence[str], labels: Sequence[int],
     if lightly_csv:
         from app.sampling.embeddings_io import write_embeddings_csv
 
-        write_embeddings_csv(run_dir / EMBEDDINGS, list(files), vectors, list(np.asarray(labels).tolist()))
+        write_embeddings_csv(run_dir / EMBEDDINGS, files, vectors, labels)
 
 
 def write_rows(run_dir: Path, files: Iterable[str], labels: Iterable[int]) -> None:
@@ -124,6 +133,7 @@ class EmbeddingsWriter:
         labels = np.asarray(labels, dtype=np.int64)[keep]
         if len(keep) == len(self.matrix):
             self.matrix.flush()
+            atomic.default_mode(self.tmp)
             atomic.fsync(self.tmp)
             os.replace(self.tmp, self.target)
             atomic.fsync(self.target.parent)
@@ -138,7 +148,7 @@ class EmbeddingsWriter:
         if lightly_csv:
             from app.sampling.embeddings_io import write_embeddings_csv
 
-            write_embeddings_csv(self.run_dir / EMBEDDINGS, files, vectors, labels.tolist())
+            write_embeddings_csv(self.run_dir / EMBEDDINGS, files, vectors, labels)
         return len(keep)
 
     def abandon(self) -> None:

@@ -80,12 +80,12 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
         result.n_near_duplicates = choice.n_near_duplicates
         result.artifacts.append(NEAR_DUPLICATES)
     if choice.rows is not None and cfg.dump_sampled_embeddings:
-        from app.sampling.embedding_matrix import read_embeddings
+        from app.sampling.embedding_matrix import read_matrix_rows
         from app.sampling.embeddings_io import write_embeddings_csv
 
-        stored = read_embeddings(run_dir, mmap=True)
         rows = choice.rows[order]
-        write_embeddings_csv(run_dir / SELECTED_EMBEDDINGS, sampled, stored.vectors[rows], stored.labels[rows])
+        write_embeddings_csv(run_dir / SELECTED_EMBEDDINGS, sampled, read_matrix_rows(run_dir, rows),
+                             choice.labels[rows])
         result.artifacts.append(SELECTED_EMBEDDINGS)
     if cfg.dump_dataset:
         from app.sampling.dump import dump_images
@@ -124,12 +124,13 @@ class Choice:
     n_datapool: Optional[int] = None
     pool_embeddings: Optional[np.ndarray] = None
     points: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None  # of every row of the matrix
 
 
 def choose_from_embeddings(cfg: DictConfig, run_dir: Path, device, sampler: Sampler) -> Choice:
     """Read the matrix once into memory and work on it in place: normalised, then compacted to the
     candidates, so the stage holds one N×d float32 array whatever it leaves out."""
-    from app.sampling.embedding_matrix import compact_rows, normalize_in_place, read_embeddings
+    from app.sampling.embedding_matrix import compact_rows, normalize_in_place, read_embeddings, read_matrix_rows
 
     stored = read_embeddings(run_dir)
     all_files, vectors = stored.files, stored.vectors
@@ -156,13 +157,12 @@ def choose_from_embeddings(cfg: DictConfig, run_dir: Path, device, sampler: Samp
             from app.sampling.datapool import commit_run_selection, run_id_for
 
             order = sorted(set(picks))
-            raw = read_embeddings(run_dir, mmap=True)
             n_datapool = commit_run_selection(pool, run_id_for(run_dir), [files[i] for i in order],
-                                              np.asarray(raw.vectors[rows[order]]), stored.labels[rows[order]],
+                                              read_matrix_rows(run_dir, rows[order]), stored.labels[rows[order]],
                                               cfg.datapool.keep_history)
     points = vectors if whole and cfg.sampler.normalize_embeddings else None
     return Choice(all_files, files, rows, picks, distances, stopped_by, n_near_duplicates, n_datapool,
-                  None if pool is None else pool.embeddings, points)
+                  None if pool is None else pool.embeddings, points, stored.labels)
 
 
 def locked_datapool_for(cfg: DictConfig, run_dir: Path):
