@@ -70,7 +70,8 @@ def _last_pick_distance(run_dir: Path) -> Optional[float]:
 
 def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in_GB: float = 2.0,
                  seed: int = 0, pool_embeddings: Optional[np.ndarray] = None,
-                 show_video_sampling_timeline: bool = True, points: Optional[np.ndarray] = None) -> ReportResult:
+                 show_video_sampling_timeline: bool = True, points: Optional[np.ndarray] = None,
+                 files: Optional[List[str]] = None) -> ReportResult:
     """Write report.json, report.html and plots/ for the selection in `run_dir`.
 
     `pool_embeddings`: the datapool's embeddings (images selected in earlier runs), for its own
@@ -79,7 +80,8 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
     `show_video_sampling_timeline`: with video input, plot which frames of each video were selected.
     `points`: the run's embeddings, L2-normalised, rows in the order of data/embedding_rows.csv, from
     a caller that holds them already (the select stage), so the report makes no second N×d copy;
-    None reads and normalises them here.
+    None reads and normalises them here. `files`: with `points`, their rows' names (read from
+    data/embedding_rows.csv when None).
     """
     run_dir = Path(run_dir)
     sampled, removed = artifacts.read_sampled(run_dir) or [], artifacts.read_removed(run_dir)
@@ -108,7 +110,8 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
             files, points = embeddings.files, normalize_in_place(embeddings.vectors)
             del embeddings
         else:
-            files, _ = read_rows(run_dir)
+            if files is None:  # the caller passed the matrix without its rows' names
+                files, _ = read_rows(run_dir)
             if points.ndim != 2 or len(points) != len(files):
                 raise ValueError(f"points has shape {points.shape}, but {EMBEDDING_ROWS} lists {len(files)} rows")
         n_candidates = len(files)

@@ -86,17 +86,22 @@ def write_embeddings(run_dir: Path, files: Sequence[str], labels: Sequence[int],
     run_dir = Path(run_dir)
     if not hasattr(vectors, "shape"):
         vectors = np.asarray(vectors, dtype=np.float32)
-    with atomic.atomic_path(run_dir / EMBEDDING_MATRIX) as tmp:
-        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=vectors.shape)
-        for start in range(0, len(vectors), CHUNK_ROWS):
-            target[start:start + CHUNK_ROWS] = vectors[start:start + CHUNK_ROWS]
-        target.flush()
-        del target
+    write_matrix(run_dir, vectors)
     write_rows(run_dir, files, labels)
     if lightly_csv:
         from app.sampling.embeddings_io import write_embeddings_csv
 
         write_embeddings_csv(run_dir / EMBEDDINGS, files, vectors, labels)
+
+
+def write_matrix(run_dir: Path, vectors) -> None:
+    """The matrix alone, copied in chunks (`vectors`: an array, a memmap, or anything sliced like one)."""
+    with atomic.atomic_path(Path(run_dir) / EMBEDDING_MATRIX) as tmp:
+        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=vectors.shape)
+        for start in range(0, len(vectors), CHUNK_ROWS):
+            target[start:start + CHUNK_ROWS] = vectors[start:start + CHUNK_ROWS]
+        target.flush()
+        del target
 
 
 def write_rows(run_dir: Path, files: Iterable[str], labels: Iterable[int]) -> None:
@@ -129,9 +134,10 @@ class EmbeddingsWriter:
                lightly_csv: bool = True) -> int:
         """Keep the rows where `embedded` is true, in input order; returns how many."""
         keep = np.flatnonzero(embedded)
-        files = [files[i] for i in keep]
+        whole = len(keep) == len(self.matrix)
+        files = list(files) if whole else [files[i] for i in keep]
         labels = np.asarray(labels, dtype=np.int64)[keep]
-        if len(keep) == len(self.matrix):
+        if whole:
             self.matrix.flush()
             atomic.default_mode(self.tmp)
             atomic.fsync(self.tmp)
@@ -139,8 +145,7 @@ class EmbeddingsWriter:
             atomic.fsync(self.target.parent)
             vectors = np.load(self.target, mmap_mode="r")
         else:  # rows failed to load: copy the others into a matrix without gaps
-            vectors = self.matrix
-            write_embeddings(self.run_dir, files, labels, _Rows(vectors, keep), lightly_csv=False)
+            write_matrix(self.run_dir, _Rows(self.matrix, keep))
             vectors = np.load(self.target, mmap_mode="r")
         del self.matrix
         self.tmp.unlink(missing_ok=True)

@@ -99,6 +99,7 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     began = time.perf_counter()
     report = write_report(run_dir, cfg.report.n_example_images, cfg.report.memory_requirement_in_GB, cfg.seed,
                           pool_embeddings=choice.pool_embeddings, points=choice.points,
+                          files=None if choice.points is None else choice.all_files,
                           show_video_sampling_timeline=cfg.report.show_video_sampling_timeline)
     result.artifacts += report.artifacts
     result.report_s = round(time.perf_counter() - began, 2)
