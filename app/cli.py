@@ -33,7 +33,7 @@ def find_conf_dir() -> Path:
 
 
 CONF_DIR = find_conf_dir()
-GROUPS = ("model", "data", "sampler", "hardware", "logger", "experiment")
+GROUPS = ("model", "data", "sampler", "hardware", "logger", "executor", "experiment")
 # Whether preflight checked the config of the single run that Hydra starts next in this process,
 # so that the run does not check it again; each job of a sweep is checked by the run itself.
 _checked_by_preflight = False

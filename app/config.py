@@ -27,6 +27,7 @@ from app.data.locations import is_url, staging_dir
 from app.data.schema import (CocoDataConfig, FolderDataConfig, OxfordPetDataConfig, ShapesDataConfig,
                              check_protocol_installed, validate_data)
 from app.errors import UserError
+from app.executors.schema import ExecutorConfig, RayConfig, validate_executor
 from app.profile.schema import ProfileConfig, validate_profile
 from app.sampling.samplers import get_sampler, registry as sampler_registry
 from app.sampling.schema import (DatapoolConfig, ReportConfig, SamplerConfig, SSLConfig, uses_no_embeddings,
@@ -90,6 +91,9 @@ class ThresherConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # Where scan, embed and the coreset run: executor=local (here) or executor=ray (the ray.* cluster).
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     # Run directories go under work_dir (conf/config.yaml reads $THRESHER_WORK_DIR, else runs),
     # named <UTC timestamp>_<note>, unless run_directory is set.
     work_dir: str = "runs"
@@ -172,11 +176,19 @@ def run_directory_path(work_dir: str, note: Optional[str], run_directory: Option
     return str(Path(work_dir) / (f"{run_stamp()}_{note}" if note else run_stamp()))
 
 
+def resolve_run_directory(work_dir: str, note: Optional[str], run_directory: Optional[str]) -> str:
+    """hydra.run.dir and hydra.sweep.dir: absolute, so that a job run in another process or on
+    another machine (hydra/launcher=ray, joblib) writes where the command was started."""
+    return os.path.abspath(run_directory_path(work_dir, note, run_directory))
+
+
 def register_resolvers() -> None:
     from app.secrets import register_secret_resolver
 
     if not OmegaConf.has_resolver("thresher_run_dir"):
-        OmegaConf.register_new_resolver("thresher_run_dir", run_directory_path)
+        # Cached in the config: Hydra copies the sweep's cache into each job's config, so every job
+        # gets the folder the sweep resolved at its start, whichever process resolves it again.
+        OmegaConf.register_new_resolver("thresher_run_dir", resolve_run_directory, use_cache=True)
     register_secret_resolver()
 
 
@@ -229,6 +241,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.key_metric is not None:
         validate_key_metric(cfg.trainer, cfg.model.task)
     validate_logger(cfg.logger)
+    validate_executor(cfg.executor, cfg.ray)
     if "profile" in stages:
         validate_profile(cfg.profile)
 

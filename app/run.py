@@ -377,6 +377,10 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None, checked: bool
         return 1
     finally:
         restore_default_signal_handlers()
+        if "ray" in sys.modules:  # executor=ray: leave the cluster (a Ray started for the run stops)
+            from app.executors.ray_session import disconnect
+
+            disconnect()
         try:
             sync_to_bucket(cfg, run_dir)  # the final summary.json and log, whatever the outcome
         except Exception as error:

@@ -48,6 +48,9 @@ def sanity_check(cfg: DictConfig, run_dir: Path, device) -> Dict[str, str]:
         raise UserError(f"sanity check: output folder {run_dir.parent} is not writable ({error})") from None
     checks["output"] = f"{run_dir.parent}: writable"
 
+    if cfg.executor.name == "ray":
+        checks["ray"] = ray_check(cfg, run_dir.parent)
+
     probe = torch.ones(8, 8, device=device)
     if float((probe @ probe).sum()) != 512.0:
         raise UserError(f"sanity check: a matrix product on {device} gave a wrong result")
@@ -57,3 +60,18 @@ def sanity_check(cfg: DictConfig, run_dir: Path, device) -> Dict[str, str]:
         log.info("sanity check: %-11s ok  %s", key, value)
     log.info("sanity check passed")
     return checks
+
+
+def ray_check(cfg: DictConfig, work_dir: Path) -> str:
+    """executor=ray: the cluster answers, and its workers see the work_dir where this machine does."""
+    from dataclasses import replace
+
+    from app.executors import executor_for
+    from app.executors.ray_session import connect, shared_file
+
+    resources = connect(cfg.ray)
+    executor = replace(executor_for(cfg), scratch_dir=work_dir)
+    with shared_file(executor, "thresher-ray-check", lambda path: path.write_bytes(b"thresher")):
+        pass
+    return (f"{resources.nodes} node(s), {resources.cpus:g} CPUs, {resources.gpus:g} GPUs; "
+            f"the workers see {work_dir}")

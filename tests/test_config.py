@@ -187,6 +187,7 @@ def test_conf_is_found_from_an_installed_wheel(tmp_path):
     for group in cli.GROUPS:
         for option in cli.group_options(group):
             assert f"app/conf/{group}/{option}.yaml" in names
+    assert "app/conf/hydra/launcher/ray_cluster.yaml" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     located = subprocess.run([sys.executable, "-c", "from app.cli import CONF_DIR; print(CONF_DIR)"],

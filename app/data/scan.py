@@ -4,6 +4,8 @@ aside the corrupt ones and the exact duplicates.
 The input is a folder or a bucket prefix (`data.input_dir=s3://bucket/prefix`, app/data/sources.py);
 videos are expanded into frames named as lightly names them (app/data/video.py), and their
 frames are streamed, one decoded frame at a time per video. `data/videos.json` describes them.
+With `executor=ray`, the listing and the image checks run on the Ray cluster
+(app/executors/ray_scan.py); the artifacts are the same.
 
 Writes `data/input_files.csv` (filenames,labels: the images to use), `data/dataset.json` (input
 folder, class names), `filenames/corrupt_filenames.txt` (`filename<TAB>reason`),
@@ -48,6 +50,7 @@ from app.data.sources import (Source, bounded_map, datasource_state_path, load_s
                               source_for, special_file_problem)
 from app.data.video import VIDEO_EXTENSIONS, is_video, scan_video
 from app.errors import UserError
+from app.executors import executor_for
 from app.progress import Progress
 
 log = logging.getLogger("thresher")
@@ -379,6 +382,12 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
 
         configure_storage(OmegaConf.to_container(cfg.storage_options, resolve=True))
     source = source_for(input_dir)
+    executor = executor_for(cfg)
+    storage_options = None  # the Ray workers' credentials for a bucket, handed to each task
+    if executor.on_ray and source.is_url and cfg.get("storage_options") is not None:
+        from omegaconf import OmegaConf
+
+        storage_options = OmegaConf.to_container(cfg.storage_options, resolve=True)
     if not source.exists():
         raise UserError(f"data.input_dir={str(input_dir)!r} is not a folder" +
                         (" or a bucket prefix that this machine can read" if source.is_url else ""))
@@ -393,7 +402,14 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
         names, missing, skipped = read_relevant_filenames(Path(relevant), Path(input_dir))
     else:
         names = []
-        for found in source.list_files(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS):
+        if executor.on_ray:
+            from app.executors.ray_scan import list_files_on_ray
+
+            listing = list_files_on_ray(executor, source.location, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS,
+                                        storage_options)
+        else:
+            listing = source.list_files(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+        for found in listing:
             if found.problem is not None:
                 skipped.append((found.name, found.problem))
             elif source.is_url:
@@ -440,7 +456,14 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     frame_duplicates: List[Tuple[str, str]] = []
     video_info: Dict[str, dict] = {}
     checks = None
-    if decode or digest:
+    if (decode or digest) and executor.on_ray:
+        from functools import partial
+
+        from app.executors.ray_scan import chunks_on_ray
+
+        checks = chunks_on_ray(executor, partial(check_chunk, source.location), images, storage_options,
+                               decode=decode, digest=digest)
+    elif decode or digest:
         processes = 0 if source.is_url else check_workers(cfg.hardware.get("num_workers"))
         checks = checked_chunks(source, images, decode, digest, processes)
     with Progress(len(images) + len(videos), "scan") as bar:

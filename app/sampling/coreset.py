@@ -113,11 +113,17 @@ def select_coreset(embeddings: np.ndarray, n_samples: int, min_distance: float =
         kcenter = _GreedyKCenter(points, pool_rows, copies)
         picks, distances, stopped_by = kcenter.select(min(n_samples, n - copies.numel()), min_distance,
                                                       None if first is None else int(stands_for[first]))
-    indices = picks
     if first is not None:
-        indices[0] = first  # the random pick may be any copy, not the lowest
+        picks[0] = first  # the random pick may be any copy, not the lowest
+    return _copies_last(picks, distances, stopped_by, n, n_samples, min_distance)
+
+
+def _copies_last(indices: List[int], distances: List[float], stopped_by: str, n: int, n_samples: int,
+                 min_distance: float) -> CoresetSelection:
+    """The selection from the greedy's picks: when the greedy ran out of points at a positive
+    distance, every point left is a copy of a center or of a pool point (distance 0), and they come
+    next in index order, unless min_distance > 0 stops there."""
     if stopped_by != "min_distance" and len(indices) < min(n_samples, n):
-        # Every point left is a copy of a center or of a pool point.
         if min_distance > 0:
             stopped_by = "min_distance"
         else:
@@ -222,13 +228,8 @@ def _distinct_rows(points: torch.Tensor) -> torch.Tensor:
     Rows are grouped by a hash of their bits and compared before they are merged, so a hash collision
     only costs a merge."""
     n, d = points.shape
-    generator = torch.Generator().manual_seed(20240611)
-    multipliers = (torch.randint(-2 ** 62, 2 ** 62, (d,), generator=generator) * 2 + 1).to(points.device)
-    hashes = torch.empty(n, dtype=torch.int64, device=points.device)
+    hashes = _row_hashes(points)
     rows = max(1, (1 << 20) // d)
-    for start in range(0, n, rows):
-        bits = (points[start:start + rows] + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 is 0.0
-        hashes[start:start + rows] = (bits * multipliers).sum(dim=1)  # wraps around: a hash, not a number
     order = torch.argsort(hashes, stable=True)
     sorted_hashes = hashes[order]
     repeats = (sorted_hashes[1:] == sorted_hashes[:-1]).nonzero().squeeze(1) + 1
@@ -245,6 +246,25 @@ def _distinct_rows(points: torch.Tensor) -> torch.Tensor:
         equal = (points[m] == points[f]).all(dim=1)
         stands_for[m[equal]] = f[equal]
     return stands_for
+
+
+def _row_hashes(points: torch.Tensor) -> torch.Tensor:
+    """An int64 hash of each float32 row's values (equal rows, -0.0 and 0.0 alike, hash equal)."""
+    n, d = points.shape
+    generator = torch.Generator().manual_seed(20240611)
+    multipliers = (torch.randint(-2 ** 62, 2 ** 62, (d,), generator=generator) * 2 + 1).to(points.device)
+    hashes = torch.empty(n, dtype=torch.int64, device=points.device)
+    rows = max(1, (1 << 20) // d)
+    for start in range(0, n, rows):
+        bits = (points[start:start + rows] + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 is 0.0
+        hashes[start:start + rows] = (bits * multipliers).sum(dim=1)  # wraps around: a hash, not a number
+    return hashes
+
+
+def estimate_error(largest: float, d: int) -> float:
+    """Bound on |GEMM estimate − exact| of a squared distance between d-dimensional rows whose
+    squared norms are at most `largest`."""
+    return 1.1 * (d + 32) * _UNIT_ROUNDOFF * 4.0 * largest
 
 
 def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
@@ -300,15 +320,8 @@ class _GreedyKCenter:
         self.copies = copies
         _check_finite(self.norms, "embeddings")
         _check_finite(self.pool_norms, "pool")
-        largest = float(torch.cat([self.norms.max().reshape(1), self.pool_norms.max().reshape(1)
-                                   if pool_rows.shape[0] else self.norms.new_zeros(1)]).max())
-        # |estimate − exact| <= eps for every pair (float64 GEMM and exact_squared_distances both).
-        self.eps = 1.1 * (d + 32) * _UNIT_ROUNDOFF * 4.0 * largest
-        # Center-to-center distances for the triangle inequality are only screened, in float32.
-        self.eps32 = 1.1 * (d + 16) * 2.0 ** -24 * 4.0 * largest
-        # The triangle inequality can only ever skip a center for a point whose squared distance is
-        # below largest norm² (the diameter bounds d(c, q)); it pays off well below that.
-        self.prune_below = 0.5 * largest
+        self.set_largest(float(torch.cat([self.norms.max().reshape(1), self.pool_norms.max().reshape(1)
+                                          if pool_rows.shape[0] else self.norms.new_zeros(1)]).max()))
         self.centers = self.norms.new_empty((max(16, pool_rows.shape[0] + 64), d))
         self.centers32 = points.new_empty(self.centers.shape)
         self.center_norms = self.norms.new_empty(self.centers.shape[0])
@@ -318,6 +331,17 @@ class _GreedyKCenter:
         self.owner = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.candidates_wanted = _SIZES.candidates
         self.batch_wanted = _SIZES.batch
+
+    def set_largest(self, largest: float) -> None:
+        """Error bounds from the largest squared norm of any point or center (a shard of the points
+        takes the largest of all shards, since its centers come from them)."""
+        # |estimate − exact| <= eps for every pair (float64 GEMM and exact_squared_distances both).
+        self.eps = estimate_error(largest, self.d)
+        # Center-to-center distances for the triangle inequality are only screened, in float32.
+        self.eps32 = 1.1 * (self.d + 16) * 2.0 ** -24 * 4.0 * largest
+        # The triangle inequality can only ever skip a center for a point whose squared distance is
+        # below largest norm² (the diameter bounds d(c, q)); it pays off well below that.
+        self.prune_below = 0.5 * largest
 
     # -- centers and distances -------------------------------------------------------------------
 
@@ -507,30 +531,8 @@ class _GreedyKCenter:
                                  self.norms[current])
         row_of = torch.full((current.numel(),), -1, dtype=torch.int64, device=self.device)
         row_of[batch_positions] = torch.arange(batch, device=self.device)
-        picked = torch.full((batch,), -1, dtype=torch.int64, device=self.device)
-        going = torch.ones((), dtype=torch.bool, device=self.device)
-        last_flags = None
-        check_every = _SIZES.steps_per_check_cpu if self.device.type == "cpu" else _SIZES.steps_per_check_gpu
-        runner_up = torch.full((1,), -math.inf, dtype=torch.float64, device=self.device)
-        for step in range(batch):
-            top = torch.topk(values, min(2, values.numel()))
-            best, position = top.values[0], top.indices[0]
-            second = top.values[1] if values.numel() > 1 else runner_up[0]
-            row = row_of[position]
-            in_batch = row >= 0
-            clear_of_batch = best - second > 2 * self.eps
-            clear_of_stale = best - outside_bound > 2 * self.eps
-            ok = going & in_batch & clear_of_batch & clear_of_stale
-            distances = between[row.clamp(min=0)]
-            closer = ok & (distances < values)
-            values = torch.where(closer, distances, values)
-            owners = torch.where(closer, n_centers + step, owners)
-            values[position] = torch.where(ok, -math.inf, values[position])
-            picked[step] = torch.where(ok, position, -1)
-            going = ok
-            last_flags = (in_batch, clear_of_batch, clear_of_stale)
-            if (step + 1) % check_every == 0 and not bool(going):
-                break
+        picked, values, owners, best, last_flags = simulate_picks(values, owners, between, row_of, batch,
+                                                                  outside_bound, self.eps, n_centers)
         taken = picked[picked >= 0]
         if taken.numel() == batch:
             reason = "batch"
@@ -640,6 +642,43 @@ class _GreedyKCenter:
                                                 self.centers[:1], self.center_norms[:1])[:, 0]
         self.owner.zero_()
         self.seen.fill_(1)
+
+
+def simulate_picks(values: torch.Tensor, owners: torch.Tensor, between: torch.Tensor, row_of: torch.Tensor,
+                   batch: int, outside_bound: float, eps: float, first_center: int):
+    """Up to `batch` greedy picks among up-to-date candidates, each taken only when its estimate
+    beats every other candidate's and `outside_bound` by more than 2·eps. values/owners: the
+    candidates' estimates and their centers; between: estimates from the batch rows (row_of maps a
+    candidate to its row, -1 if none) to every candidate. The picks become centers numbered from
+    `first_center`. Returns (picked positions, -1 past the last pick; values; owners; the last
+    step's best estimate; which test the last step passed: in batch, clear of the batch, clear of
+    the bound)."""
+    device = values.device
+    picked = torch.full((batch,), -1, dtype=torch.int64, device=device)
+    going = torch.ones((), dtype=torch.bool, device=device)
+    best = last_flags = None
+    check_every = _SIZES.steps_per_check_cpu if device.type == "cpu" else _SIZES.steps_per_check_gpu
+    runner_up = torch.full((1,), -math.inf, dtype=torch.float64, device=device)
+    for step in range(batch):
+        top = torch.topk(values, min(2, values.numel()))
+        best, position = top.values[0], top.indices[0]
+        second = top.values[1] if values.numel() > 1 else runner_up[0]
+        row = row_of[position]
+        in_batch = row >= 0
+        clear_of_batch = best - second > 2 * eps
+        clear_of_stale = best - outside_bound > 2 * eps
+        ok = going & in_batch & clear_of_batch & clear_of_stale
+        distances = between[row.clamp(min=0)]
+        closer = ok & (distances < values)
+        values = torch.where(closer, distances, values)
+        owners = torch.where(closer, first_center + step, owners)
+        values[position] = torch.where(ok, -math.inf, values[position])
+        picked[step] = torch.where(ok, position, -1)
+        going = ok
+        last_flags = (in_batch, clear_of_batch, clear_of_stale)
+        if (step + 1) % check_every == 0 and not bool(going):
+            break
+    return picked, values, owners, best, last_flags
 
 
 def _progress(total: int, work: int):

@@ -1,6 +1,9 @@
 """Embed stage: the model's backbone turns every usable image into a vector, or a user's own
 embeddings file (`embeddings=PATH`, lightly format) is checked and used instead.
 
+With `executor=ray` the images are decoded and embedded on a Ray cluster
+(app/executors/ray_embed.py); the artifacts are the same.
+
 Writes the float32 matrix `data/embeddings.npy` row by row as it is computed, its rows' names and
 labels in `data/embedding_rows.csv`, and the lightly CSV `data/embeddings.csv` beside them.
 """
@@ -10,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,12 +25,16 @@ from app.config import embedding_model_name
 from app.data.images import ImagesToEmbed, collate_pixels, make_loader, normalize_pixels
 from app.device import loader_workers
 from app.errors import UserError
+from app.executors import executor_for
 from app.models import build_backbone
 from app.progress import Progress
 from app.sampling.embedding_matrix import EmbeddingsWriter, compact_rows, write_embeddings
 from app.sampling.embeddings_io import read_embeddings_csv
 
 log = logging.getLogger("thresher")
+
+# (row indices, their float32 vectors, [(row, error)] of the images that failed to load, model seconds)
+EmbeddedBatch = Tuple[np.ndarray, np.ndarray, List[Tuple[int, str]], float]
 
 
 @dataclass
@@ -61,14 +68,25 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
     artifacts.write_embedding_model(run_dir, EmbeddingModel(
         model=model_name, weights=weights, self_supervised_epochs=ssl_details.get("ssl_epochs", 0),
         randomly_initialised=not weights and not cfg.enable_training))
-    # channels_last: the convolutions' fast layout on the CPU (oneDNN) and on tensor cores.
-    model.eval().to(device, memory_format=torch.channels_last)
-    loader = make_loader(ImagesToEmbed(input_dir, files, cfg.data.image_size), cfg.sampler.batch_size,
-                         loader_workers(cfg.hardware.num_workers, device), pin_memory=device.type == "cuda",
-                         collate=collate_pixels)
+    executor = executor_for(cfg, run_dir)
+    if executor.on_ray:
+        from app.executors.ray_embed import embedded_batches_on_ray, embed_plan
+        from app.executors.ray_session import connect
+
+        parallel = embed_plan(executor, connect(executor.ray))["actors"]
+        batches = embedded_batches_on_ray(executor, model_name, model.state_dict(), input_dir, files,
+                                          cfg.data.image_size, cfg.sampler.batch_size,
+                                          storage_options_for(cfg, input_dir))
+    else:
+        # channels_last: the convolutions' fast layout on the CPU (oneDNN) and on tensor cores.
+        model.eval().to(device, memory_format=torch.channels_last)
+        loader = make_loader(ImagesToEmbed(input_dir, files, cfg.data.image_size), cfg.sampler.batch_size,
+                             loader_workers(cfg.hardware.num_workers, device), pin_memory=device.type == "cuda",
+                             collate=collate_pixels)
+        batches, parallel = embedded_batches(model, loader, device), 1
     writer = EmbeddingsWriter(run_dir, len(files), dim)
     try:
-        embedded, failures, rate, efficiency = embed_into(writer, model, loader, len(files), device)
+        embedded, failures, rate, efficiency = embed_into(writer, batches, len(files), parallel)
         for index, reason in failures:
             log.warning("image failed to load while embedding, skipped: %s (%s)", files[index], reason)
         artifacts.add_corrupt_files(run_dir, [(files[index], reason) for index, reason in failures])
@@ -80,29 +98,50 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
                        compute_efficiency=round(efficiency if files else 0.0, 3), **ssl_details)
 
 
-def embed_into(writer: EmbeddingsWriter, model: torch.nn.Module, loader, n_files: int,
-               device: torch.device) -> Tuple[np.ndarray, List[Tuple[int, str]], float, float]:
-    """Embed every batch the loader gives into the writer's rows; returns which rows were embedded,
-    the (index, error) of the images that failed to load, images per second and compute efficiency."""
-    embedded = np.zeros(n_files, dtype=bool)
-    failures: List[Tuple[int, str]] = []
-    # compute efficiency = model time / loop time, as lightly reports it: near 1 means the device is
-    # kept busy, near 0 means loading images is the bottleneck (raise hardware.num_workers).
-    compute_s, efficiency, started = 0.0, 0.0, time.perf_counter()
-    with torch.inference_mode(), Progress(n_files, "embed") as bar:
+def embedded_batches(model: torch.nn.Module, loader, device: torch.device) -> Iterator[EmbeddedBatch]:
+    """The model's vectors for every batch the loader gives, in this process."""
+    with torch.inference_mode():
         for pixels, indices, failed in loader:
-            failures += failed
+            vectors, spent = np.empty((0, 0), dtype=np.float32), 0.0
             if len(indices):
                 images = normalize_pixels(pixels.to(device, non_blocking=True))
                 began = time.perf_counter()
                 vectors = model(images.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
-                compute_s += time.perf_counter() - began
-                rows = indices.numpy()
+                spent = time.perf_counter() - began
+            yield indices.numpy(), vectors, failed, spent
+
+
+def embed_into(writer: EmbeddingsWriter, batches: Iterable[EmbeddedBatch], n_files: int,
+               parallel: int = 1) -> Tuple[np.ndarray, List[Tuple[int, str]], float, float]:
+    """Write every embedded batch into the writer's rows; returns which rows were embedded, the
+    (index, error) of the images that failed to load, images per second and compute efficiency."""
+    embedded = np.zeros(n_files, dtype=bool)
+    failures: List[Tuple[int, str]] = []
+    # compute efficiency = model time / loop time (per model, with `parallel` models), as lightly
+    # reports it: near 1 means the models are kept busy, near 0 means loading images is the
+    # bottleneck (raise hardware.num_workers, or ray.num_cpus_per_task's share of the cluster).
+    compute_s, efficiency, started = 0.0, 0.0, time.perf_counter()
+    with Progress(n_files, "embed") as bar:
+        for rows, vectors, failed, spent in batches:
+            failures += failed
+            if len(rows):
                 writer.put(rows, vectors)
                 embedded[rows] = True
-            efficiency = compute_s / max(time.perf_counter() - started, 1e-9)
-            bar.update(len(indices) + len(failed), eff=round(efficiency, 2))
+            compute_s += spent
+            efficiency = compute_s / max(parallel * (time.perf_counter() - started), 1e-9)
+            bar.update(len(rows) + len(failed), eff=round(efficiency, 2))
         return embedded, failures, bar.rate, efficiency
+
+
+def storage_options_for(cfg: DictConfig, location: str):
+    """The run's bucket credentials for Ray workers that read the input from a bucket, else None."""
+    from app.data.locations import is_url
+
+    if not is_url(str(location)) or cfg.get("storage_options") is None:
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.storage_options, resolve=True)
 
 
 def not_yet_in_datapool(cfg: DictConfig, run_dir: Path, files: List[str], labels: Sequence[int]):

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from app import artifacts
 from app.artifacts import NEAR_DUPLICATES, REMOVED, SAMPLED, SAMPLED_IMAGES, SELECTED_EMBEDDINGS, SELECTION
 from app.errors import UserError
+from app.executors import executor_for
 from app.sampling.samplers import Candidates, Sampler, get_sampler
 from app.sampling.schema import Budget, output_image_size
 
@@ -64,7 +65,7 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
         choice = choose_from_embeddings(cfg, run_dir, device, sampler)
     else:
         files, _ = artifacts.read_input_files(run_dir)
-        picks, distances, stopped_by = choose(cfg, files, None, None, device, sampler)
+        picks, distances, stopped_by = choose(cfg, files, None, None, device, sampler, run_dir=run_dir)
         choice = Choice(files, files, None, picks, distances, stopped_by)
     files, picks = choice.files, choice.picks
     order = sorted(set(picks))
@@ -152,7 +153,8 @@ def choose_from_embeddings(cfg: DictConfig, run_dir: Path, device, sampler: Samp
             if len(fresh) < len(files):
                 vectors, rows, whole = compact_rows(vectors, fresh), rows[fresh], False
                 files = [files[i] for i in fresh]
-        picks, distances, stopped_by = choose(cfg, files, vectors, pool, device, sampler, normalized=True)
+        picks, distances, stopped_by = choose(cfg, files, vectors, pool, device, sampler, normalized=True,
+                                              run_dir=run_dir)
         n_datapool = None
         if pool is not None:
             from app.sampling.datapool import commit_run_selection, run_id_for
@@ -223,9 +225,10 @@ class OneImageEach(Sequence):
 
 
 def choose(cfg: DictConfig, files: List[str], embeddings: Optional[np.ndarray], pool, device,
-           sampler: Optional[Sampler] = None, normalized: bool = False):
+           sampler: Optional[Sampler] = None, normalized: bool = False, run_dir: Optional[Path] = None):
     """(picks in pick order, their distances or None, what stopped the selection), by the sampler
-    that sampler.method names; `embeddings` is None for a sampler that needs none. `normalized`:
+    that sampler.method names; `embeddings` is None for a sampler that needs none; `run_dir`: where
+    an executor=ray coreset shares its shards with the cluster. `normalized`:
     the rows are normalised already as sampler.normalize_embeddings asks."""
     sampler = sampler or get_sampler(cfg.sampler.method)
     length = cfg.sampler.selected_sequence_length
@@ -240,7 +243,7 @@ def choose(cfg: DictConfig, files: List[str], embeddings: Optional[np.ndarray], 
     budget = Budget.parse(cfg.sampler.stopping_condition.n_samples)
     count = images_to_pick(budget, len(files))
     n_units = len(units) if budget.is_off else min(-(-count // length), len(units))
-    chosen = sampler.select(Candidates(files, units, vectors), count=n_units, pool=pool_vectors, seed=cfg.seed,
+    chosen = sampler.select(Candidates(files, units, vectors, executor_for(cfg, run_dir)), count=n_units, pool=pool_vectors, seed=cfg.seed,
                             device=device, config=cfg.sampler)
     picks = [i for unit in chosen.picks for i in units[unit]]
     distances = chosen.distances

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # for the annotations only: the registry itself loads neither
     import numpy as np
     from omegaconf import DictConfig
 
+    from app.executors import Executor
+
 
 @dataclass
 class Candidates:
@@ -48,6 +50,9 @@ class Candidates:
     # One row per unit (a sequence: the mean of its frames), L2-normalised when
     # sampler.normalize_embeddings; None for a sampler that does not need embeddings.
     vectors: Optional["np.ndarray"] = None
+    # Where heavy work may run (app.executors): executor=ray gives a cluster, which the coreset
+    # uses for its distances; a sampler that has no use for it ignores it.
+    executor: Optional["Executor"] = None
 
 
 @dataclass
