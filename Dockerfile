@@ -5,6 +5,7 @@
 #                --build-arg PIP_NO_INDEX=1 -t thresher .       offline, from wheelhouse/
 #   docker build --build-arg TORCH_VARIANT=cpu -t thresher:cpu .   CPU-only torch (a fraction of the size)
 #   docker build --build-arg EXTRAS=s3,gcs -t thresher .       with optional extras of pyproject.toml
+#   docker build --build-arg EXTRAS=ray -t thresher .          with Ray: executor=ray, docker-compose.ray.yml
 #   docker run --rm -v "$PWD/images:/data/input:ro" -v "$PWD/runs:/data/output" \
 #       --user "$(id -u):$(id -g)" thresher data=folder sampler=random trainer.epochs=1
 #

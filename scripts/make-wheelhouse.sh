@@ -6,6 +6,8 @@
 #
 #   scripts/make-wheelhouse.sh             (PYTHON=python3.11 to pick the host interpreter;
 #                                           EXTRAS=s3,gcs for an image built with those extras)
+#   EXTRAS=ray scripts/make-wheelhouse.sh  the image .ci/run builds (`--build-arg EXTRAS=ray`: Ray
+#                                           and its wheels, ~150 MB more; docker-compose.ray.yml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

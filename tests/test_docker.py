@@ -107,10 +107,18 @@ def docker_engine() -> None:
         unavailable(f"no Docker engine reachable: {tail(info.stderr, 3)}")
 
 
+def image_extras() -> str:
+    """$THRESHER_IMAGE_EXTRAS (comma-separated extras of pyproject.toml), always with ray."""
+    extras = [name.strip() for name in os.environ.get("THRESHER_IMAGE_EXTRAS", "ray").split(",") if name.strip()]
+    return ",".join(extras if "ray" in extras else [*extras, "ray"])
+
+
 @pytest.fixture(scope="session")
 def image(docker_engine) -> str:
-    """This checkout's image, built (or found up to date in the layer cache) once a session."""
-    command = ["build", "--tag", IMAGE]
+    """This checkout's image, built (or found up to date in the layer cache) once a session, with the
+    extras in $THRESHER_IMAGE_EXTRAS (default ray: tests/test_ray_cluster.py runs a cluster of it),
+    as .ci/run builds it, so the layer cache serves both."""
+    command = ["build", "--tag", IMAGE, "--build-arg", f"EXTRAS={image_extras()}"]
     base_image = os.environ.get("THRESHER_BASE_IMAGE") or (
         LOCAL_BASE_IMAGE if image_exists(LOCAL_BASE_IMAGE) else None)
     if base_image:
@@ -120,8 +128,9 @@ def image(docker_engine) -> str:
         command += ["--build-arg", "PIP_NO_INDEX=1"]
     built = docker(*command, str(ROOT), timeout=3600)
     if built.returncode != 0:
-        hint = "" if offline else ("\n(no wheelhouse/: the build installs from the package index; where containers "
-                                   "cannot reach it, run scripts/make-wheelhouse.sh first, as .ci/run does)")
+        hint = (f"\n(offline builds need the extras' wheels: EXTRAS={image_extras()} scripts/make-wheelhouse.sh)"
+                if offline else "\n(no wheelhouse/: the build installs from the package index; where containers "
+                                "cannot reach it, run scripts/make-wheelhouse.sh first, as .ci/run does)")
         pytest.fail(f"docker build exited {built.returncode}:\n{tail(built.stdout + built.stderr)}{hint}",
                     pytrace=False)
     return IMAGE
