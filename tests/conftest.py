@@ -75,6 +75,18 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+def require_module(module: str, install: str) -> None:
+    """Skip when an optional extra's module is missing (`install` says how to add it), except under
+    CI, where every extra is installed and a test that cannot run is a failure."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        message = f"{module} is not installed: {install}"
+        if in_ci():
+            pytest.fail(f"{message} (CI=true: these tests must run, not skip)", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
 def unavailable(reason: str) -> None:
     """Skip, except under CI, where a Docker test that cannot run is a failure."""
     if in_ci():

@@ -6,11 +6,15 @@ import math
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
+from conftest import require_module  # noqa: E402
+
+require_module("ray", "pip install -e '.[ray]'")
+import ray  # noqa: E402
 
 from app.executors.ray_coreset import select_coreset_on_ray  # noqa: E402
 from app.sampling import coreset  # noqa: E402
-from app.sampling.coreset import normalize_rows, select_coreset  # noqa: E402
+from app.sampling.coreset import select_coreset  # noqa: E402
+from test_coreset import clustered, grid_with_copies, isotropic  # noqa: E402  (the same test data)
 
 # Tiny blocks and batches (the actors run in other processes: they get these sizes explicitly), so
 # that small data goes through many rounds, reports cut short, stale points and settled ties.
@@ -23,24 +27,6 @@ def local_ray():
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def isotropic(n, d, seed=0):
-    return normalize_rows(np.random.default_rng(seed).normal(size=(n, d))).astype(np.float32)
-
-
-def clustered(n, d, n_clusters, spread, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = normalize_rows(rng.normal(size=(n_clusters, d)))
-    points = centers[rng.integers(n_clusters, size=n)] + rng.normal(scale=spread / np.sqrt(d), size=(n, d))
-    return normalize_rows(points).astype(np.float32)
-
-
-def grid_with_copies(seed=0):
-    """Small integer points, each several times: exact ties everywhere, copies in every shard."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(-3, 4, size=(60, 3)).astype(np.float32)
-    return base[rng.integers(60, size=400)]
 
 
 def assert_same(on_ray, local):

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import compose, in_ci, only_run_dir, summary_of, thresher
+from conftest import compose, only_run_dir, require_module, summary_of, thresher
 
-RAY_INSTALLED = pytest.importorskip if not in_ci() else (lambda name: __import__(name))
 
 
 def make_messy_folder(root: Path) -> Path:
@@ -49,7 +48,7 @@ SAME_FILES = ["data/input_files.csv", "data/dataset.json", "data/embedding_rows.
 @pytest.fixture(scope="module")
 def local_and_ray_runs(tmp_path_factory):
     """The same selection run twice on one messy folder: executor=local, then executor=ray."""
-    RAY_INSTALLED("ray")
+    require_module("ray", "pip install -e '.[ray]'")
     base = tmp_path_factory.mktemp("executors")
     folder = make_messy_folder(base / "images")
     env = {k: v for k, v in os.environ.items() if not k.startswith("THRESHER_")}
@@ -117,7 +116,7 @@ def test_an_executor_group_typo_names_the_options(tmp_path, env):
 
 
 def test_an_address_nothing_listens_on_fails_at_once_with_one_line(tmp_path, env):
-    RAY_INSTALLED("ray")
+    require_module("ray", "pip install -e '.[ray]'")
     result = thresher(["executor=ray", "ray.address=127.0.0.1:9", "stages=[scan]", "data.n_images=12"], env,
                       tmp_path, timeout=240)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -178,7 +177,7 @@ def test_embed_actors_the_cluster_cannot_hold_are_refused_with_the_figures(clust
 
 @pytest.mark.slow
 def test_the_sanity_check_reaches_the_cluster_and_its_workers_see_the_work_dir(tmp_path, env):
-    RAY_INSTALLED("ray")
+    require_module("ray", "pip install -e '.[ray]'")
     result = thresher(["sanity_check=true", "executor=ray", "ray.num_cpus=1", "data.n_images=12"], env, tmp_path,
                       timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

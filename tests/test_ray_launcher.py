@@ -7,7 +7,6 @@ join one started by `ray start --head` (hydra/launcher=ray_cluster). Without hyd
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import secrets
 import shutil
@@ -21,7 +20,7 @@ from typing import Iterator, List
 import pytest
 import yaml
 
-from conftest import ROOT, SMALL, in_ci, only_run_dir, summary_of
+from conftest import ROOT, SMALL, only_run_dir, require_module, summary_of
 
 # main() with the Ray launcher's launch recorded: the pickled arguments of every Ray task it
 # submits (what a worker receives) and, per job, what the task returned to the sweeper.
@@ -56,10 +55,7 @@ main(sys.argv[1:])
 
 @pytest.fixture
 def ray_launcher():
-    if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
-        message = "hydra-ray-launcher is not installed: pip install -e '.[ray-launcher]'"
-        pytest.fail(f"{message} (CI=true: the Ray launcher tests must run, not skip)", pytrace=False) if in_ci() \
-            else pytest.skip(message)
+    require_module("hydra_plugins.hydra_ray_launcher", "pip install -e '.[ray-launcher]'")
 
 
 @pytest.fixture

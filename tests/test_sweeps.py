@@ -3,7 +3,6 @@ it), so `thresher -m hydra/sweeper=optuna ...` tunes on it. The sweeps run the r
 in a fresh process, with Optuna's Study.tell recorded, so a test sees what the sweeper received."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from typing import List
 import pytest
 import yaml
 
-from conftest import ROOT, SMALL, in_ci, only_run_dir, summary_of
+from conftest import ROOT, SMALL, only_run_dir, require_module, summary_of
 
 LR = "trainer.optimizer.params.lr"
 
@@ -39,10 +38,7 @@ main(sys.argv[1:])
 
 @pytest.fixture
 def optuna_sweeper():
-    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
-        message = "hydra-optuna-sweeper is not installed: pip install -e '.[optuna]'"
-        pytest.fail(f"{message} (CI=true: the sweep tests must run, not skip)", pytrace=False) if in_ci() \
-            else pytest.skip(message)
+    require_module("hydra_plugins.hydra_optuna_sweeper", "pip install -e '.[optuna]'")
 
 
 def sweep(args: List[str], env: dict, cwd: Path) -> tuple:

@@ -471,13 +471,7 @@ class _Shard:
             return self._reply(torch.zeros(0, dtype=torch.int64), -math.inf, False, -math.inf)
         while True:
             wanted = min(kcenter.candidates_wanted, n_unpicked)
-            if wanted < n_unpicked:
-                top = torch.topk(kcenter.nearest, wanted + 1)
-                stale_bound = float(top.values[wanted])  # every point outside the top: estimate <= this
-                top = top.indices[:wanted]
-            else:
-                stale_bound = -math.inf
-                top = unpicked.nonzero().squeeze(1)
+            top, stale_bound = kcenter.top_estimates(wanted, n_unpicked)
             kcenter._bring_up_to_date(top[kcenter.seen[top] < kcenter.n_centers], stale_bound)
             current = top[kcenter.nearest[top] > stale_bound]
             if current.numel():

@@ -394,6 +394,14 @@ class _GreedyKCenter:
             out[part] = out[part].scatter_reduce(0, which_row, exact, reduce="amin")
         return out
 
+    def top_estimates(self, wanted: int, n_unpicked: int):
+        """The `wanted` unpicked points with the largest estimates, and a bound that every other
+        point's estimate is at or under (-inf when none is left out)."""
+        if wanted < n_unpicked:
+            top = torch.topk(self.nearest, wanted + 1)
+            return top.indices[:wanted], float(top.values[wanted])
+        return (self.nearest > -math.inf).nonzero().squeeze(1), -math.inf
+
     # -- bringing points up to date --------------------------------------------------------------
 
     def _meet(self, index: torch.Tensor, columns: torch.Tensor) -> None:
@@ -501,14 +509,7 @@ class _GreedyKCenter:
         as possible among them. Returns (picks tensor, why the round stopped)."""
         n_centers = self.n_centers
         n_unpicked = int((self.nearest > -math.inf).sum())
-        wanted = min(self.candidates_wanted, n_unpicked)
-        if wanted < n_unpicked:
-            top = torch.topk(self.nearest, wanted + 1)
-            stale_bound = float(top.values[wanted])  # every point outside the top: estimate <= this
-            top = top.indices[:wanted]
-        else:
-            stale_bound = -math.inf
-            top = (self.nearest > -math.inf).nonzero().squeeze(1)
+        top, stale_bound = self.top_estimates(min(self.candidates_wanted, n_unpicked), n_unpicked)
         self._bring_up_to_date(top[self.seen[top] < n_centers], stale_bound)
         current = top[self.nearest[top] > stale_bound]
         if current.numel() == 0:
