@@ -232,3 +232,41 @@ def test_object_keys_the_name_rule_refuses_are_listed_as_skipped(s3, tmp_path):
     assert lines(run_dir / "filenames/unused_filenames.txt") == [
         "a/esc\\x1b.png\tname holds a control character (\\x1b)", "a/tab\\t.png\tname holds a tab (\\t)"]
     assert result.n_unused == 2
+
+
+@pytest.mark.slow
+def test_ray_workers_read_a_bucket_with_the_runs_credentials_and_log_none_of_them(s3, s3_secret, env, tmp_path):
+    """executor=ray: the listing and the reads happen in Ray tasks, which get the run's
+    storage_options; the artifacts equal a local run's and the secret reaches no log, Ray's included."""
+    import tempfile
+
+    from conftest import require_module
+
+    require_module("ray", "pip install -e '.[ray]'")
+    fs, bucket = s3
+    upload_images(fs, f"{bucket}/data", [f"{c}/{i}.png" for c in "ab" for i in range(6)])
+    fs.pipe(f"{bucket}/data/b/broken.png", png_bytes(99)[:40])
+    env = {**env, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    ray_dir = tempfile.mkdtemp(prefix="/tmp/ray-t")  # Ray's socket paths must stay short
+    try:
+        runs = {}
+        for executor in ("local", "ray"):
+            work = tmp_path / executor
+            extra = ["executor=ray", "ray.num_cpus=2"] if executor == "ray" else []
+            result = thresher(["data=folder", f"data.input_dir=s3://{bucket}/data", f"work_dir={work}",
+                               "stages=[scan,embed,select]", "hardware=cpu", "data.image_size=32",
+                               "sampler.stopping_condition.n_samples=4", "datasource.process_all=true", *extra],
+                              {**env, "RAY_TMPDIR": ray_dir}, tmp_path, timeout=600)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert s3_secret not in result.stdout + result.stderr
+            runs[executor] = next(p for p in work.iterdir() if p.name != "datasource")
+        for name in ("data/input_files.csv", "filenames/corrupt_filenames.txt", "filenames/sampled_filenames.txt"):
+            assert (runs["ray"] / name).read_bytes() == (runs["local"] / name).read_bytes(), name
+        assert "b/broken.png" in (runs["ray"] / "filenames/corrupt_filenames.txt").read_text()
+        assert len(lines(runs["ray"] / "data/input_files.csv")) == 1 + 12
+        logged = b"".join(p.read_bytes() for p in Path(ray_dir).rglob("*") if p.is_file() and not p.is_symlink()
+                          and p.suffix in (".log", ".out", ".err", ".txt", ".json"))
+        assert logged, "Ray wrote its session logs where RAY_TMPDIR says"
+        assert s3_secret.encode() not in logged
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
