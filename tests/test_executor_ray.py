@@ -184,3 +184,27 @@ def test_the_sanity_check_reaches_the_cluster_and_its_workers_see_the_work_dir(t
     output = result.stdout + result.stderr
     assert f"sanity check: ray         ok  1 node(s), 1 CPUs, 0 GPUs; the workers see {tmp_path / 'runs'}" in output
     assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_embed_on_ray_stops_the_run_cleanly_and_it_resumes(tmp_path, env):
+    """A Ray started for the run registers its own SIGTERM handler (kill Ray, exit 1); the run keeps
+    thresher's: `docker stop` records the run as interrupted, exits 143, leaves no shared file, and a
+    rerun finishes it."""
+    from conftest import sigterm_once_written
+
+    require_module("ray", "pip install -e '.[ray]'")
+    run_dir = tmp_path / "runs" / "stopped"
+    args = ["stages=[scan,embed,select]", "data.n_images=300", "data.image_size=64", "sampler.batch_size=8",
+            "executor=ray", "ray.num_cpus=2", f"run_directory={run_dir}"]
+    stopped = sigterm_once_written(args, env, tmp_path, run_dir / "data" / ".embedding_weights.pt", timeout=300)
+    assert stopped.returncode == 143, stopped.stdout[-3000:]
+    assert "stopped by SIGTERM; resume with run_directory=" in stopped.stdout
+    summary = summary_of(run_dir)
+    assert summary["status"] == "interrupted" and summary["stages"]["embed"]["status"] == "interrupted"
+    assert not [p.name for p in (run_dir / "data").iterdir() if p.name.startswith(".")]
+
+    resumed = thresher(args, env, tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert summary_of(run_dir)["status"] == "finished"
+    assert np.load(run_dir / "data" / "embeddings.npy").shape == (300, 512)

@@ -46,7 +46,8 @@ def connect(ray_cfg: Any) -> ClusterResources:
         if address not in (None, "auto"):
             _check_reachable(str(address))
         try:
-            ray.init(**options)
+            with thresher_keeps_its_signal_handlers():
+                ray.init(**options)
         except ConnectionError as error:
             raise UserError(f"ray.address={address!r}: cannot reach the Ray cluster ({_first_line(error)}); "
                             f"start it first (`ray start --head`, or docker-compose -f docker-compose.ray.yml up)"
@@ -100,6 +101,26 @@ def _size_of(path: str) -> Optional[int]:
         return None
 
 
+@contextmanager
+def thresher_keeps_its_signal_handlers() -> Iterator[None]:
+    """A Ray started here registers its own SIGTERM handler (it kills Ray's processes and exits 1),
+    which would replace the run's: `docker stop` must still stop the run at a step boundary, record
+    it as interrupted and exit 143 (the run's `finally` then stops Ray)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """Refuse an address nothing listens on at once: ray.init would retry it for minutes."""
     import socket
@@ -131,6 +152,9 @@ def _quiet_ray() -> None:
     """Ray's banners, usage-stats prompt and per-operator progress bars stay out of thresher's log;
     its warnings and errors still come through."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's C++ core installs a crash handler for SIGTERM that aborts the driver (exit 134) instead of
+    # letting thresher stop at a step boundary and record the run as interrupted (exit 143).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # no per-dataset INFO lines on the console
     for name in ("ray", "ray.util.client"):
