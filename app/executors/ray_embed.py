@@ -25,6 +25,8 @@ from app.errors import UserError
 
 log = logging.getLogger("thresher")
 
+BLOCK_IMAGES = 256
+
 
 def embed_plan(executor: Executor, resources: ClusterResources) -> Dict[str, Any]:
     """Actors, each one's GPUs and CPUs, and whether images are decoded by separate CPU tasks, from
@@ -75,21 +77,25 @@ def _embedded_batches(executor: Executor, plan: Dict[str, Any], model_name: str,
     import pyarrow as pa
     import ray
 
+    # Ray Data's cost is per block (scheduling, the object store): blocks of at least BLOCK_IMAGES
+    # images, which the actors feed to the model sampler.batch_size at a time.
+    block = max(batch_size, BLOCK_IMAGES)
     blocks = []
-    for start in range(0, len(files), batch_size):
-        stop = min(len(files), start + batch_size)
+    for start in range(0, len(files), block):
+        stop = min(len(files), start + block)
         blocks.append(pa.table({"row": pa.array(np.arange(start, stop, dtype=np.int64)),
                                 "name": pa.array([name.encode("utf-8", "surrogateescape") for name in files[start:stop]],
                                                  pa.binary())}))
     decode = dict(location=location, image_size=image_size, storage_options=storage_options)
     dataset = ray.data.from_arrow(blocks)
     if plan["decode_tasks"]:
-        dataset = dataset.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy",
+        dataset = dataset.map_batches(_decode_batch, batch_size=block, batch_format="numpy",
                                       num_cpus=executor.ray.num_cpus_per_task, fn_kwargs=decode)
     dataset = dataset.map_batches(
-        _EmbedActor, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        _EmbedActor, batch_size=block, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
         num_cpus=plan["cpus"], num_gpus=plan["gpus"],
         fn_constructor_kwargs=dict(model_name=model_name, weights=weights, threads=max(1, int(plan["cpus"])),
+                                   model_batch=batch_size,
                                    decode=None if plan["decode_tasks"] else decode))
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         errors = batch["error"]
@@ -121,7 +127,8 @@ def _decode_batch(batch: Dict[str, np.ndarray], location: str, image_size: int, 
 class _EmbedActor:
     """One model on one actor: the driver's weights, on the GPU Ray gave it, else the CPU."""
 
-    def __init__(self, model_name: str, weights: str, threads: int, decode: Optional[Dict[str, Any]] = None):
+    def __init__(self, model_name: str, weights: str, threads: int, model_batch: int,
+                 decode: Optional[Dict[str, Any]] = None):
         import ray
         import torch
 
@@ -134,6 +141,7 @@ class _EmbedActor:
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.decode = decode  # the images' location and size when this actor decodes them itself
+        self.model_batch = model_batch
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import torch
@@ -146,11 +154,12 @@ class _EmbedActor:
         good = np.flatnonzero(errors == "")
         vectors = np.zeros((len(errors), self.dim), dtype=np.float32)
         began = time.perf_counter()
-        if len(good):
-            with torch.inference_mode():
-                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).to(self.device)
+        with torch.inference_mode():
+            for start in range(0, len(good), self.model_batch):
+                rows = good[start:start + self.model_batch]
+                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][rows])).to(self.device)
                 images = normalize_pixels(pixels).contiguous(memory_format=torch.channels_last)
-                vectors[good] = self.model(images).float().cpu().numpy()
+                vectors[rows] = self.model(images).float().cpu().numpy()
         spent = time.perf_counter() - began
         return {"row": batch["row"], "vector": vectors, "error": errors,
                 "compute_s": np.full(len(errors), spent / max(1, len(errors)))}
