@@ -35,7 +35,7 @@ N_IMAGES = 600
 SHAPES_IMAGE_SIZE = 64
 # Small batches: the first progress line (batch 0, rows come back in order) leaves many to embed.
 RUN = ["data=folder", "stages=[scan,embed,select]", "data.image_size=160", "sampler=coreset",
-       "sampler.stopping_condition.n_samples=40", "sampler.batch_size=16"]
+       "sampler.stopping_condition.n_samples=40", "sampler.batch_size=16", "ray.block_images=16"]
 RUN_TIMEOUT_S = 900
 EMBED_PROGRESS = re.compile(rb"embed: (\d+)/(\d+) img")
 

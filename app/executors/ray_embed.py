@@ -25,8 +25,6 @@ from app.errors import UserError
 
 log = logging.getLogger("thresher")
 
-BLOCK_IMAGES = 256
-
 
 def embed_plan(executor: Executor, resources: ClusterResources) -> Dict[str, Any]:
     """Actors, each one's GPUs and CPUs, and whether images are decoded by separate CPU tasks, from
@@ -77,9 +75,9 @@ def _embedded_batches(executor: Executor, plan: Dict[str, Any], model_name: str,
     import pyarrow as pa
     import ray
 
-    # Ray Data's cost is per block (scheduling, the object store): blocks of at least BLOCK_IMAGES
-    # images, which the actors feed to the model sampler.batch_size at a time.
-    block = max(batch_size, BLOCK_IMAGES)
+    # Ray Data's cost is per block (scheduling, the object store): blocks of ray.block_images images
+    # (256), which the actors feed to the model sampler.batch_size at a time.
+    block = max(batch_size, int(executor.ray.block_images))
     blocks = []
     for start in range(0, len(files), block):
         stop = min(len(files), start + block)

@@ -47,6 +47,9 @@ class RayConfig:
     embed_actors: Optional[int] = None
     # Actors that hold a shard of the embeddings for the coreset; null: 2.
     coreset_actors: Optional[int] = None
+    # Images per Ray Data block in the embed stage (Ray's cost is per block; the model still takes
+    # sampler.batch_size at a time); at least sampler.batch_size.
+    block_images: int = 256
 
 
 def ray_installed() -> bool:
@@ -77,6 +80,8 @@ def validate_executor(executor: DictConfig, ray: DictConfig) -> None:
             raise refuse(f"ray.{key}", ray[key], "use a number > 0")
     if ray.num_gpus_per_actor is not None and ray.num_gpus_per_actor < 0:
         raise refuse("ray.num_gpus_per_actor", ray.num_gpus_per_actor, "use a number >= 0, or null (1 with GPUs)")
+    if ray.block_images < 1:
+        raise refuse("ray.block_images", ray.block_images, "use an integer >= 1")
     for key in ("embed_actors", "coreset_actors"):
         if ray[key] is not None and ray[key] < 1:
             raise refuse(f"ray.{key}", ray[key], "use an integer >= 1, or null")
