@@ -138,15 +138,24 @@ class ThresherConfig:
 
 
 def register_configs() -> None:
-    """Put the schemas where the yaml files' defaults lists find them."""
+    """Put the schemas where the yaml files' defaults lists find them: at the top of the config
+    store, outside the groups, so that `--help`, Hydra's lists of options and tab completion show
+    only the YAML options. conf/data/shapes.yaml types itself with `- /data_shapes_schema@_here_`
+    (`@_here_`: the schema's keys go to the YAML's own package, `data`)."""
     store = ConfigStore.instance()
     store.store(name="thresher_schema", node=ThresherConfig)
-    store.store(group="data", name="shapes_schema", node=ShapesDataConfig)
-    store.store(group="data", name="folder_schema", node=FolderDataConfig)
-    store.store(group="data", name="coco_schema", node=CocoDataConfig)
-    store.store(group="data", name="oxford_pet_schema", node=OxfordPetDataConfig)
+    store.store(name=schema_name("data", "shapes"), node=ShapesDataConfig)
+    store.store(name=schema_name("data", "folder"), node=FolderDataConfig)
+    store.store(name=schema_name("data", "coco"), node=CocoDataConfig)
+    store.store(name=schema_name("data", "oxford_pet"), node=OxfordPetDataConfig)
     for name, sampler in sampler_registry().items():
-        store.store(group="sampler", name=f"{name}_schema", node=sampler.schema or SamplerConfig)
+        store.store(name=schema_name("sampler", name), node=sampler.schema or SamplerConfig)
+
+
+def schema_name(group: str, option: str) -> str:
+    """The config-store name of the schema that conf/<group>/<option>.yaml names first in its
+    defaults list, as `- /<group>_<option>_schema@_here_`."""
+    return f"{group}_{option}_schema"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +379,8 @@ def _validate_work_dir(work_dir: str) -> None:
         raise refuse("work_dir", str(work_dir), "it must be a folder (or creatable inside one)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise refuse("work_dir", str(work_dir),
-                     f"{existing} is not writable by uid {os.getuid()}: choose another work_dir, or in "
-                     f"Docker run with --user \"$(id -u):$(id -g)\" and a writable /data/output mount")
+                     f"{existing} is not writable by uid {os.getuid()}: choose another work_dir; in Docker, "
+                     f"run as a user who can write the /data/output mount: docker run --user "
+                     f"\"$(id -u):$(id -g)\", or docker-compose with THRESHER_USER=\"$(id -u):$(id -g)\"")
 
 

@@ -42,7 +42,7 @@ SAMPLER = Sampler(name="every_nth", select=select, needs_embeddings=False, schem
 
 EVERY_NTH_YAML = """# Every step-th image.
 defaults:
-  - every_nth_schema
+  - /sampler_every_nth_schema@_here_
 
 method: every_nth
 step: 2
@@ -73,7 +73,7 @@ def test_every_registered_sampler_has_its_yaml_and_every_yaml_a_sampler():
     assert {"coreset", "none", "random"} <= set(yamls)
     for name, content in yamls.items():
         assert content["method"] == name
-        assert content["defaults"] == [f"{name}_schema"]
+        assert content["defaults"] == [f"/sampler_{name}_schema@_here_"]
 
 
 def test_what_each_sampler_needs_comes_from_the_registry():

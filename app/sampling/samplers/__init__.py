@@ -12,16 +12,16 @@ Adding a sampler is one module here and one YAML in conf/sampler/; nothing else 
    numpy and torch inside `select`, not at the top: this package is read when a config is
    checked, which stays fast and torch-free.
 2. `conf/sampler/<name>.yaml` sets `method: <name>` and its values, and names its schema first in
-   its defaults list, `defaults: [<name>_schema]`, as conf/data/*.yaml do. The schema is
-   app.sampling.schema.SamplerConfig (the keys every sampler has: `stopping_condition.n_samples` and
+   its defaults list, `defaults: [/sampler_<name>_schema@_here_]`, as conf/data/*.yaml do. The
+   schema is app.sampling.schema.SamplerConfig (the keys every sampler has: `stopping_condition.n_samples` and
    `.min_distance`, `normalize_embeddings`, `near_duplicate_distance`, `selected_sequence_length`,
    and the embed stage's `batch_size` and `embedding_model`) unless the module passes `schema=`:
    a dataclass deriving from SamplerConfig that adds the sampler's own keys, typed and checked
    like every other key (`thresher sampler=<name> sampler.<key>=...`; a typo is refused).
 
 The modules are found by listing this package (app.config.register_configs stores each schema as
-`sampler/<name>_schema`), so validation refuses a `sampler.method` that no module registers, with
-a did-you-mean, and the select stage dispatches through `get_sampler`. The select stage does what
+`sampler_<name>_schema`, outside the group, so `--help` lists only the YAML options), so
+validation refuses a `sampler.method` that no module registers, with a did-you-mean, and the select stage dispatches through `get_sampler`. The select stage does what
 is common to every sampler before and after `select`: near-duplicate removal, L2 normalisation
 (`normalize_embeddings`), whole frame sequences as units (`selected_sequence_length`), the datapool
 (its vectors come in as `pool`; the picks are committed to it), resolving the budget

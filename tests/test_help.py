@@ -1,0 +1,116 @@
+"""What a newcomer reads first: `thresher --help`, a mistyped option's list and tab completion name
+only the real options of each group (the YAML files in conf/<group>/), never the schemas behind
+them; and those schemas still type every option."""
+from __future__ import annotations
+
+import re
+import sys
+from typing import List
+
+import pytest
+from omegaconf import OmegaConf
+
+from app import cli
+from app.data.schema import CocoDataConfig, FolderDataConfig, OxfordPetDataConfig, ShapesDataConfig
+from conftest import compose
+
+SCHEMA_NAME = re.compile(r"\w*_schema\b")
+
+
+def run_cli(args: List[str], capsys, monkeypatch) -> tuple:
+    """`thresher *args` in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["thresher"])  # cli.main sets sys.argv for Hydra; put it back after
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    code = 0
+    try:
+        cli.main(args)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def groups_in_help(text: str) -> dict:
+    """The `group: option, option` lines of the help's "Configuration groups" section."""
+    section = text.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    groups = {}
+    for line in section.splitlines():
+        match = re.match(r"^(\S+): (.*)$", line)
+        if match:
+            groups[match[1]] = match[2].split(", ")
+    return groups
+
+
+def test_help_lists_each_group_with_its_yaml_options_only(capsys, monkeypatch):
+    code, out, _ = run_cli(["--help"], capsys, monkeypatch)
+
+    assert code == 0
+    assert groups_in_help(out) == {group: cli.group_options(group) for group in cli.GROUPS}
+    assert not SCHEMA_NAME.search(out), SCHEMA_NAME.findall(out)
+
+
+def test_a_missing_option_in_a_sweep_lists_only_the_yaml_options(capsys, monkeypatch):
+    """Hydra answers `-m` itself (each job checks its own config), with its own list of options."""
+    code, out, err = run_cli(["-m", "data=cocoo"], capsys, monkeypatch)
+
+    assert code == 1
+    listed = re.findall(r"^\t(\S+)$", err, flags=re.M)
+    assert listed == cli.group_options("data"), err
+    assert not SCHEMA_NAME.search(out + err)
+
+
+def test_a_missing_option_in_a_run_lists_only_the_yaml_options(capsys, monkeypatch):
+    code, _, err = run_cli(["sampler=corest", "--cfg", "job"], capsys, monkeypatch)
+
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "thresher: error: sampler=corest is not an option: choose from coreset, none, random (did you mean coreset?)"]
+
+
+@pytest.mark.parametrize("group", ["data", "sampler"])
+def test_tab_completion_offers_only_the_yaml_options(group, capsys, monkeypatch):
+    monkeypatch.setenv("COMP_LINE", f"thresher {group}=")
+    code, out, _ = run_cli(["--shell-completion", "query=bash"], capsys, monkeypatch)
+
+    assert code == 0
+    assert sorted(out.split()) == [f"{group}={option}" for option in cli.group_options(group)]
+
+
+@pytest.mark.parametrize("option, schema", [("shapes", ShapesDataConfig), ("folder", FolderDataConfig),
+                                            ("coco", CocoDataConfig), ("oxford_pet", OxfordPetDataConfig)])
+def test_every_data_option_is_typed_by_its_schema(option, schema):
+    assert OmegaConf.get_type(compose(f"data={option}").data) is schema
+
+
+def test_every_sampler_option_is_typed_by_its_registered_schema():
+    from app.sampling.samplers import registry
+    from app.sampling.schema import SamplerConfig
+
+    for name, sampler in registry().items():
+        assert OmegaConf.get_type(compose(f"sampler={name}").sampler) is (sampler.schema or SamplerConfig)
+
+
+@pytest.mark.parametrize("override, refusal", [
+    ("data.n_imagez=3", "data.n_imagez=3: no such key (did you mean data.n_images?)"),
+    ("data.n_images=many", "data.n_images='many' is not allowed: expected an integer"),
+    ("sampler.stopping_condition.n_sample=3", "sampler.stopping_condition.n_sample=3: no such key"),
+])
+def test_the_schemas_still_refuse_a_typo_or_a_wrong_type(override, refusal, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("THRESHER_WORK_DIR", str(tmp_path / "runs"))
+    code, out, err = run_cli([override], capsys, monkeypatch)
+
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"thresher: error: {refusal}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cfg_job_of_a_data_option_shows_its_schema_keys_and_yaml_values(capsys, monkeypatch, tmp_path):
+    (tmp_path / "annotations.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    code, out, err = run_cli(["data=coco", f"data.input_dir={tmp_path}",
+                              f"data.annotations={tmp_path / 'annotations.json'}", "--cfg", "job"], capsys, monkeypatch)
+
+    assert code == 0, err
+    data = OmegaConf.create(out).data
+    assert data.name == "coco"
+    assert set(data) == {"name", "image_size", "augment", "input_dir", "relevant_filenames_file", "annotations"}
