@@ -84,6 +84,17 @@ RUN groupadd --gid 1000 thresher \
 
 # The dependencies (GBs, cached until pyproject.toml changes), then the small thresher wheel.
 COPY --from=deps /opt/venv /opt/venv
+
+# Matplotlib's font cache, built here once: without it every container builds it when it writes a
+# report, and logs "generated new fontManager". Matplotlib uses its folder only if access(W_OK) says
+# it may write there (else it warns and rebuilds in a temporary folder), so the folder is writable
+# by any UID, sticky like /tmp; the cache file stays root's and read-only, and is only read.
+ENV MPLCONFIGDIR=/opt/matplotlib
+RUN mkdir -p "$MPLCONFIGDIR" \
+ && /opt/venv/bin/python -c "import matplotlib.font_manager" \
+ && chmod 1777 "$MPLCONFIGDIR" \
+ && chmod a+r,go-w "$MPLCONFIGDIR"/*
+
 COPY --from=build /dist/ /tmp/dist/
 RUN /opt/venv/bin/pip install --no-deps --no-index --no-cache-dir --disable-pip-version-check \
         --root-user-action=ignore /tmp/dist/*.whl \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -268,6 +269,10 @@ def test_outputs_written_under_another_uid_are_readable_on_the_host(image, input
     finally:
         remove_container(name)
     assert process.returncode == 0, tail(process.stdout + process.stderr)
+    # The selection report's plots load matplotlib: its font cache comes built with the image and
+    # is used as it is under this UID (no rebuild, no "not a writable directory" warning).
+    assert re.findall(rb".*(?:fontManager|font cache|Matplotlib created a temporary|not a writable directory).*",
+                      process.stdout + process.stderr) == []
 
     run_dir = the_run_directory(output_dir)
     private = sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*")
