@@ -1,4 +1,9 @@
-"""Shared fixtures: every test gets its own work dir; generated data goes to one session cache."""
+"""Shared fixtures: every test gets its own work dir; generated data goes to one session cache.
+
+Two tiers: `python -m pytest` runs the fast one (unit tests and in-process stage calls on tiny
+data, a few minutes); `python -m pytest --slow` runs every test, the slow ones too (marked `slow`
+or `docker`: the CLI in a fresh process, Docker, Ray, a browser, anything of more than a few
+seconds), which is what CI runs."""
 from __future__ import annotations
 
 import json
@@ -11,6 +16,37 @@ from pathlib import Path
 from typing import List
 
 import pytest
+
+_deselected_slow = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="run the slow tier too (tests marked slow or docker: the CLI in a fresh process, "
+                          "Docker, Ray, a browser); CI runs it")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Without --slow, the slow tier is deselected, not skipped: the run stays short and quiet, and
+    the summary says how many were left out and how to run them."""
+    for item in items:
+        if item.get_closest_marker("docker") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)  # a Docker test is always slow: `-m "not slow"` leaves it out too
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+    config.stash[_deselected_slow] = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    count = config.stash.get(_deselected_slow, 0)
+    if count:
+        terminalreporter.write_line(f"{count} slow tests deselected: run `python -m pytest --slow` for all "
+                                    "(what CI runs)")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and fast: the pipeline's behaviour, not its accuracy, is under test.
@@ -102,6 +138,48 @@ def only_run_dir(work_dir: Path) -> Path:
     runs = [p for p in work_dir.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def main_in_process(args: List[str], monkeypatch, capsys, tmp_path: Path, cache_dir: Path) -> tuple:
+    """`thresher *args` in this process, Hydra's job included: what the CLI tests check through a
+    fresh process, at a fraction of the cost (the fast tier). Returns (exit code, stdout, stderr).
+    What the CLI changes for the whole process (sys.argv, the redacting stdout/stderr, the secret
+    registry and variables, Hydra's log handlers) is put back afterwards."""
+    import logging
+
+    from app import cli, secrets
+
+    monkeypatch.setattr(sys, "argv", ["thresher"])
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    monkeypatch.setattr(secrets, "_secret_values", set())
+    for variable in secrets.SECRET_VARIABLES.values():  # a `token=...` override lands in os.environ
+        monkeypatch.setenv(variable, os.environ.get(variable, ""))
+        if not os.environ[variable]:
+            monkeypatch.delenv(variable)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("THRESHER_WORK_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("THRESHER_CACHE_DIR", str(cache_dir))
+    monkeypatch.chdir(tmp_path)
+    loggers = [logging.getLogger(), logging.getLogger("thresher")]
+    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
+    code = 0
+    try:
+        cli.main(args)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        for logger, handlers, level in saved:
+            for handler in logger.handlers:
+                if handler not in handlers:
+                    logger.removeHandler(handler)
+                    handler.close()
+            for handler in handlers:
+                if handler not in logger.handlers:
+                    logger.addHandler(handler)
+            logger.setLevel(level)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def run_in_process(overrides: List[str], monkeypatch, tmp_path: Path, cache_dir: Path) -> tuple:

@@ -102,6 +102,7 @@ def test_scan_reads_a_bucket_prefix_without_copying_it(s3, tmp_path):
     assert frame.size == (64, 48)
 
 
+@pytest.mark.slow
 def test_listing_pages_through_more_than_a_thousand_objects(s3):
     fs, bucket = s3
     fs.pipe({f"{bucket}/many/notes/{i:04d}.txt": b"x" for i in range(1001)})
@@ -168,6 +169,7 @@ def test_images_are_read_in_parallel_with_a_bounded_window():
     assert 1 < peak[0] <= 4
 
 
+@pytest.mark.slow
 def test_a_run_from_bucket_to_bucket_on_the_command_line_keeps_the_credentials_secret(s3, s3_secret, env,
                                                                                      tmp_path):
     fs, bucket = s3
@@ -206,6 +208,7 @@ def test_a_run_from_bucket_to_bucket_on_the_command_line_keeps_the_credentials_s
     assert "finished in an earlier run, skipped" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
 def test_sanity_check_reaches_a_bucket_input_and_counts_what_is_there(s3, env, tmp_path):
     fs, bucket = s3
     upload_images(fs, f"{bucket}/data", ["a/1.png", "b/2.png", "b/3.png"])

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from app import cli
 from app.config import validate
-from conftest import ROOT, compose, thresher
+from conftest import ROOT, compose, main_in_process, thresher
 
 
 pytestmark = pytest.mark.usefixtures("registered")
@@ -106,6 +106,7 @@ REFUSALS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,expected", REFUSALS, ids=[" ".join(o) for o, _ in REFUSALS])
 def test_bad_override_exits_2_with_one_clear_line(overrides, expected, env, tmp_path):
     result = thresher(overrides, env, tmp_path)
@@ -119,6 +120,22 @@ def test_bad_override_exits_2_with_one_clear_line(overrides, expected, env, tmp_
     assert not (tmp_path / "runs").exists(), "a refused run must not create its run directory"
 
 
+@pytest.mark.parametrize("overrides,expected", REFUSALS, ids=[" ".join(o) for o, _ in REFUSALS])
+def test_bad_override_in_process_exits_2_with_one_clear_line(overrides, expected, monkeypatch, capsys, tmp_path,
+                                                             cache_dir):
+    """The fast tier's run of the refusals above: `app.cli.main` in this process, as the CLI calls it."""
+    code, out, err = main_in_process(overrides, monkeypatch, capsys, tmp_path, cache_dir)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("thresher: error: ")
+    for words in expected:
+        assert words in lines[0]
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "runs").exists(), "a refused run must not create its run directory"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["sampler.stopping_condition.n_sample=3", "trainer.epochs=abc",
                                       "trainer.epochs=0"])
 def test_hydra_full_error_shows_the_traceback_and_still_exits_2(override, env, tmp_path):
@@ -146,6 +163,7 @@ def test_checking_a_config_imports_no_torch(tmp_path):
     assert "no torch" in result.stdout
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_the_composed_config(env, tmp_path):
     result = thresher(["--cfg", "job", "sampler=random"], env, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -154,6 +172,7 @@ def test_cfg_job_prints_the_composed_config(env, tmp_path):
     assert printed.model.name == "resnet18"
 
 
+@pytest.mark.slow
 def test_cfg_hydra_resolve_prints_the_run_directory_made_of_work_dir_and_note(env, tmp_path):
     result = thresher(["--cfg", "hydra", "--resolve", f"work_dir={tmp_path}/w", "note=first try"], env, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -174,6 +193,7 @@ def test_run_directory_is_utc_stamp_and_note(env, tmp_path):
     assert time.strftime("%Y-%m-%d", time.gmtime()) in run_stamp()
 
 
+@pytest.mark.slow
 def test_conf_is_found_from_an_installed_wheel(tmp_path):
     """conf/ must ship inside the wheel as app/conf, where find_conf_dir looks when installed."""
     import zipfile
@@ -197,6 +217,7 @@ def test_conf_is_found_from_an_installed_wheel(tmp_path):
     assert located.stdout.strip() == str(site / "app" / "conf")
 
 
+@pytest.mark.slow
 def test_work_dir_under_a_file_is_refused(env, tmp_path):
     (tmp_path / "a_file").write_text("x")
     result = thresher([f"work_dir={tmp_path}/a_file/runs"], env, tmp_path)
@@ -209,8 +230,12 @@ def test_unwritable_work_dir_is_refused_with_the_docker_hint(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     cfg = compose(f"work_dir={tmp_path}/runs")
-    with pytest.raises(UserError, match="not writable by uid .*--user"):
+    with pytest.raises(UserError) as refused:
         validate(cfg)
+    message = str(refused.value)
+    assert "not writable by uid" in message and "\n" not in message
+    assert 'docker run --user "$(id -u):$(id -g)"' in message  # what a `docker run` user adds
+    assert 'THRESHER_USER="$(id -u):$(id -g)"' in message  # what a docker-compose user sets
 
 
 def test_checking_a_bucket_config_leaves_the_storage_settings_alone(monkeypatch):
@@ -251,6 +276,7 @@ print("validated", sorted(checks))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, validated", [
     ([], "[0]"),  # preflight checks it, the run does not check it again
     (["--multirun", "seed=1,2"], "[1, 2]"),  # no preflight for a sweep: each job's run checks its config

@@ -91,6 +91,7 @@ TORCH_REFUSALS = [
 
 @pytest.mark.parametrize("overrides,start", TORCH_REFUSALS, ids=[" ".join(o) for o, _ in TORCH_REFUSALS])
 def test_a_value_torch_refuses_is_refused_by_the_train_check_naming_the_key(overrides, start):
+    overrides = ["trainer.epochs=3", *overrides]  # the messages name the epoch a scheduler fails at
     cfg = compose(*overrides)
     validate(cfg)  # the torch-free checks let it through; the rehearsal does not
     message = refusal(check_train_config, *overrides)
@@ -114,7 +115,8 @@ def test_every_offered_scheduler_has_a_working_case_below():
 @pytest.mark.parametrize("scheduler,warmup", [(s, w) for s in SCHEDULERS for w in (0, 1)
                                               if not (s == "ReduceLROnPlateau" and w)])
 def test_every_offered_scheduler_with_working_arguments_passes_the_check(scheduler, warmup):
-    validated_then_checked(compose(f"trainer.scheduler.type={scheduler}", f"trainer.scheduler.warmup_epochs={warmup}",
+    validated_then_checked(compose("trainer.epochs=3", f"trainer.scheduler.type={scheduler}",
+                                   f"trainer.scheduler.warmup_epochs={warmup}",
                                    *(f"+trainer.scheduler.params.{p}" for p in SCHEDULER_PARAMS[scheduler])))
 
 
@@ -274,6 +276,7 @@ def test_an_embeddings_file_that_is_not_a_lightly_csv_is_refused_before_the_scan
 # ---------------------------------------------------------------------------------------------
 # The command line: exit 2, one line, before any stage
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,key", [
     (["+trainer.optimizer.params.betas=oops"], "trainer.optimizer.params.betas='oops'"),
     (["stages=[profile]", "trainer.scheduler.type=StepLR", "+trainer.scheduler.params.step_size=0"],
@@ -288,6 +291,7 @@ def test_a_value_torch_refuses_exits_2_with_one_line_before_any_stage(overrides,
     assert not (tmp_path / "runs").exists(), "a refused run must not create its run directory"
 
 
+@pytest.mark.slow
 def test_a_sweep_job_with_a_value_torch_refuses_fails_before_any_stage(env, tmp_path):
     """Each job of a sweep is checked in execute(), where Hydra has already made its folder."""
     result = thresher(["-m", *SMALL, "+trainer.optimizer.params.betas=oops,[0.9]"], env, tmp_path)
@@ -300,6 +304,7 @@ def test_a_sweep_job_with_a_value_torch_refuses_fails_before_any_stage(env, tmp_
             assert summary["status"] == "failed" and not summary.get("stages"), summary
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_is_not_a_state_dict_is_reported_as_checkpoint(env, tmp_path):
     path = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), path)

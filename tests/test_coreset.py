@@ -60,20 +60,25 @@ DATASETS = {
 }
 
 
+def slow_for(names, *slow):
+    """`names` as parameters, the ones in `slow` marked for the slow tier (seconds each on two cores)."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in names]
+
+
 @pytest.mark.parametrize("name", DATASETS)
-@pytest.mark.parametrize("n_samples", [1, 2, 60, 400])
+@pytest.mark.parametrize("n_samples", slow_for([1, 2, 60, 400], 400))
 def test_picks_equal_the_reference(name, n_samples):
     points = DATASETS[name]()
     assert_same(select_coreset(points, n_samples, seed=5), reference_select_coreset(points, n_samples, seed=5))
 
 
-@pytest.mark.parametrize("name", DATASETS)
+@pytest.mark.parametrize("name", slow_for(DATASETS, "isotropic 16-d", "isotropic 128-d"))
 def test_picks_equal_the_reference_with_tiny_blocks(name, small_blocks):
     points = DATASETS[name]()[:800]
     assert_same(select_coreset(points, 150, seed=6), reference_select_coreset(points, 150, seed=6))
 
 
-@pytest.mark.parametrize("name", ["isotropic 16-d", "clustered 32-d"])
+@pytest.mark.parametrize("name", slow_for(["isotropic 16-d", "clustered 32-d"], "clustered 32-d"))
 def test_min_distance_stops_exactly_where_the_reference_does(name):
     points = DATASETS[name]()
     full = reference_select_coreset(points, 300, seed=2)
@@ -86,7 +91,7 @@ def test_min_distance_stops_exactly_where_the_reference_does(name):
     assert len(select_coreset(points, 300, min_distance=float(np.nextafter(at, math.inf)), seed=2).indices) == 100
 
 
-@pytest.mark.parametrize("tiny", [False, True])
+@pytest.mark.parametrize("tiny", slow_for([False, True], True))
 def test_exact_ties_and_copies_go_to_the_lowest_index(tiny, request):
     if tiny:
         request.getfixturevalue("small_blocks")
@@ -101,7 +106,7 @@ def test_exact_ties_and_copies_go_to_the_lowest_index(tiny, request):
     assert select_coreset(points, 500, min_distance=0.5, seed=3).stopped_by == "min_distance"
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", slow_for([0, 1, 2, 3], 0, 2))
 def test_copies_anywhere_match_the_reference(seed):
     """Each point three times, shuffled, some copies with -0.0 for 0.0 (equal values, other bits):
     the random first pick is often not the lowest copy, and the other copies come last."""
@@ -131,7 +136,7 @@ def test_points_all_equal():
     assert chosen.distances[1:] == [0.0] * 9
 
 
-@pytest.mark.parametrize("name", ["isotropic 16-d", "clustered 32-d"])
+@pytest.mark.parametrize("name", slow_for(["isotropic 16-d", "clustered 32-d"], "clustered 32-d"))
 def test_pool_points_are_centers_from_the_start(name):
     points = DATASETS[name]()
     pool = DATASETS[name]()[::7] + np.float32(0.01)  # near some points, not equal to any
@@ -201,6 +206,7 @@ print(json.dumps({"picks": len(chosen.indices), "grew_kib": after - before, "poi
 """
 
 
+@pytest.mark.slow
 def test_memory_is_the_points_plus_vectors_of_length_n():
     """200 000 × 256 float32 points (200 MB): an N×N float32 matrix would take 160 GB and a float64
     copy of the points 400 MB; the selection adds vectors of length N and blocks of bounded size

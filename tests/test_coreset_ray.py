@@ -16,6 +16,9 @@ from app.sampling import coreset  # noqa: E402
 from app.sampling.coreset import select_coreset  # noqa: E402
 from test_coreset import clustered, grid_with_copies, isotropic  # noqa: E402  (the same test data)
 
+# Every test here starts a local Ray (the module's fixture): the slow tier.
+pytestmark = pytest.mark.slow
+
 # Tiny blocks and batches (the actors run in other processes: they get these sizes explicitly), so
 # that small data goes through many rounds, reports cut short, stale points and settled ties.
 TINY = coreset._Sizes(rows=37, centers=5, groups=3, group_points=11, candidates=16, min_candidates=8, batch=4,

@@ -130,6 +130,7 @@ def test_two_runs_selecting_at_once_take_turns_and_the_second_leaves_out_the_fir
 # ---------------------------------------------------------------------------------------------
 # A rerun, a crash
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_rerunning_a_runs_select_replaces_its_members_and_leaves_the_others(work_dir):
     one, two = embedded_run(work_dir, "one"), embedded_run(work_dir, "two")
     select_stage(select_config(work_dir), one, CPU)
@@ -282,6 +283,7 @@ def test_a_datapool_with_a_bucket_work_dir_is_refused_at_config_time():
     assert "work_dir='s3://bucket/runs' is a bucket" in message and "use a local work_dir" in message
 
 
+@pytest.mark.slow
 def test_a_datapool_with_a_bucket_work_dir_exits_2_before_any_stage(env, tmp_path):
     result = thresher(["work_dir=s3://bucket/runs", "datapool.name=pool"], env, tmp_path)
     assert result.returncode == 2, result.stderr
@@ -290,6 +292,7 @@ def test_a_datapool_with_a_bucket_work_dir_exits_2_before_any_stage(env, tmp_pat
     assert list(tmp_path.iterdir()) == [], "nothing is made, not even an s3: folder"
 
 
+@pytest.mark.slow
 def test_a_whole_run_started_again_replaces_its_part_of_the_pool(monkeypatch, tmp_path, cache_dir):
     """Keyed by the run directory's run id: overwrite=true (embed and select again, another seed)
     leaves the pool with this run's new picks only; another run then adds its own."""

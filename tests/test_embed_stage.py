@@ -64,6 +64,7 @@ def reference_vectors(image_folder: Path, names, backbone) -> np.ndarray:
         return backbone(torch.stack([transform(open_image(image_folder, name)) for name in names])).numpy()
 
 
+@pytest.mark.slow
 def test_matrix_rows_and_lightly_csv_agree_and_skip_the_broken_image(image_folder, backbone, monkeypatch,
                                                                      tmp_path):
     from lightly.utils.io import load_embeddings
@@ -94,6 +95,7 @@ def test_matrix_rows_and_lightly_csv_agree_and_skip_the_broken_image(image_folde
     assert "truncated" in corrupt[0].split("\t")[1]
 
 
+@pytest.mark.slow
 def test_no_workers_and_one_worker_give_the_same_embeddings(image_folder, backbone, monkeypatch, tmp_path):
     from app.sampling.embedding_matrix import read_embeddings
 

@@ -109,12 +109,14 @@ def test_the_cluster_keys_are_checked_before_any_work(overrides, message):
     assert message in str(refused.value)
 
 
+@pytest.mark.slow
 def test_an_executor_group_typo_names_the_options(tmp_path, env):
     result = thresher(["executor=rai"], env, tmp_path, timeout=120)
     assert result.returncode == 2
     assert "executor=rai is not an option: choose from local, ray (did you mean ray?)" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_address_nothing_listens_on_fails_at_once_with_one_line(tmp_path, env):
     require_module("ray", "pip install -e '.[ray]'")
     result = thresher(["executor=ray", "ray.address=127.0.0.1:9", "stages=[scan]", "data.n_images=12"], env,

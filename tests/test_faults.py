@@ -32,6 +32,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_the_run_with_one_line_naming_the_file(env, tmp_path, small_disk):
     env = {**env, "THRESHER_WORK_DIR": str(small_disk)}
     result = thresher([*SMALL, "sampler=random", "run_directory=full"], env, tmp_path)
@@ -73,6 +74,7 @@ def test_a_killed_shapes_generation_leaves_nothing_behind_after_the_next(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
 
 
+@pytest.mark.slow
 def test_one_sigterm_ends_the_process_even_when_a_thread_is_stuck(tmp_path):
     """A thread blocked for ever (a FIFO nobody writes, a hung mount) would keep the interpreter
     from exiting after the main thread stopped; the exit deadline ends it."""

@@ -337,6 +337,7 @@ def test_every_list_and_csv_gives_back_every_name_the_rule_uses(tmp_path):
     assert split(names, 0.0, str(tmp_path / "val.txt"), 0)[1] == [0, 1]
 
 
+@pytest.mark.slow
 def test_embed_and_select_give_back_odd_names_in_every_artifact(tmp_path):
     """The whole chain in one process: scan, embed, select, and what training reads."""
     from lightly.utils.io import load_embeddings

@@ -11,7 +11,7 @@ import pytest
 from app.artifacts import MARKER, read_run_id
 from app.errors import UserError
 from app.run import check_run_directory
-from conftest import SMALL, run_in_process, thresher
+from conftest import SMALL, main_in_process, run_in_process, thresher
 
 SCAN_ONLY = [*SMALL, "stages=[scan]"]
 
@@ -34,6 +34,7 @@ def user_folder(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_folder_with_files_thresher_did_not_create_is_refused_and_left_untouched(env, tmp_path, user_folder):
     before = snapshot(user_folder)
     result = thresher([*SCAN_ONLY, f"run_directory={user_folder}"], env, tmp_path)
@@ -43,6 +44,7 @@ def test_a_folder_with_files_thresher_did_not_create_is_refused_and_left_untouch
     assert snapshot(user_folder) == before  # not even Hydra's log file or a lock
 
 
+@pytest.mark.slow
 def test_overwrite_does_not_make_a_foreign_folder_deletable(env, tmp_path, user_folder):
     before = snapshot(user_folder)
     result = thresher([*SCAN_ONLY, f"run_directory={user_folder}", "overwrite=true"], env, tmp_path)
@@ -50,6 +52,20 @@ def test_overwrite_does_not_make_a_foreign_folder_deletable(env, tmp_path, user_
     assert snapshot(user_folder) == before
 
 
+@pytest.mark.parametrize("overwrite", [[], ["overwrite=true"]], ids=["plain", "overwrite"])
+def test_a_foreign_folder_is_refused_in_process_and_left_untouched(overwrite, monkeypatch, capsys, tmp_path,
+                                                                   cache_dir, user_folder):
+    """The two tests above (slow tier) through `app.cli.main` in this process."""
+    before = snapshot(user_folder)
+    code, _, err = main_in_process([*SCAN_ONLY, f"run_directory={user_folder}", *overwrite], monkeypatch, capsys,
+                                   tmp_path, cache_dir)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("thresher: error:")
+    assert str(user_folder) in err and "did not create" in err
+    assert snapshot(user_folder) == before  # not even Hydra's log file or a lock
+
+
+@pytest.mark.slow
 def test_work_dir_itself_is_never_a_run_directory(env, tmp_path):
     work_dir = tmp_path / "runs"
     first = thresher([*SCAN_ONLY, "run_directory=first"], env, tmp_path)
@@ -65,6 +81,7 @@ def test_work_dir_itself_is_never_a_run_directory(env, tmp_path):
     assert snapshot(work_dir) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_directory", ["../elsewhere", "a/../../b", "a/../b"])
 def test_a_run_directory_with_dot_dot_is_refused(env, tmp_path, run_directory):
     result = thresher([*SCAN_ONLY, f"run_directory={run_directory}"], env, tmp_path)
@@ -87,6 +104,7 @@ def test_runs_inside_runs_and_inside_the_datapool_are_refused(tmp_path):
         check_run_directory(tmp_path / "a_file", str(work_dir), str(tmp_path / "a_file"))
 
 
+@pytest.mark.slow
 def test_a_symlink_to_a_foreign_folder_is_refused(env, tmp_path, user_folder):
     link = tmp_path / "runs" / "link"
     link.parent.mkdir(parents=True)

@@ -25,6 +25,7 @@ def profile_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())["profile"]
 
 
+@pytest.mark.slow
 def test_a_sweep_measures_every_setting_and_recommends_an_override_line(env, tmp_path):
     result = thresher([*PROFILE, "profile.batch_sizes=[2,4]", "profile.num_workers=[0,1]"], env, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -75,6 +76,7 @@ def test_a_sweep_measures_every_setting_and_recommends_an_override_line(env, tmp
     assert json.loads((run_dir / "profile/measurements.json").read_text())["rows"] == rows
 
 
+@pytest.mark.slow
 def test_the_override_line_reproduces_the_setting_in_a_training_run(env, tmp_path):
     profiled = thresher([*PROFILE, "profile.batch_sizes=[4]", "run_directory=p"], env, tmp_path)
     assert profiled.returncode == 0, profiled.stderr
@@ -86,6 +88,7 @@ def test_the_override_line_reproduces_the_setting_in_a_training_run(env, tmp_pat
     assert "batch 4" in trained.stdout
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_one_batch_size_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, cache_dir):
     """CI has no GPU: a CUDA OutOfMemoryError is raised for batches of 4 or more, as a GPU would;
     one other failure is recorded too, and neither ends the sweep."""
@@ -144,6 +147,7 @@ def scanned_run(tmp_path, monkeypatch, cache_dir, *overrides):
     return run_dir, cfg
 
 
+@pytest.mark.slow
 def test_latency_mode_reports_per_image_percentiles_at_batch_size_one(env, tmp_path):
     result = thresher([*PROFILE, "profile.mode=latency", "profile.steps=12", "profile.num_workers=[0,1]"],
                       env, tmp_path)
@@ -163,6 +167,7 @@ def test_latency_mode_reports_per_image_percentiles_at_batch_size_one(env, tmp_p
     assert "latency mode runs batch size 1" in refused.stderr and "profile.mode=infer" in refused.stderr
 
 
+@pytest.mark.slow
 def test_infer_mode_runs_on_images_without_labels(env, tmp_path, cache_dir):
     from app.data.shapes import ensure_shapes
 
@@ -185,6 +190,7 @@ def test_infer_mode_runs_on_images_without_labels(env, tmp_path, cache_dir):
     assert trained.returncode == 2 and "classification needs at least 2 classes" in trained.stderr
 
 
+@pytest.mark.slow
 def test_trace_writes_a_chrome_trace_of_further_steps(env, tmp_path):
     result = thresher([*PROFILE, "profile.batch_sizes=[2]", "profile.trace=true", "profile.trace_steps=2"],
                       env, tmp_path)
@@ -199,6 +205,7 @@ def test_trace_writes_a_chrome_trace_of_further_steps(env, tmp_path):
     assert profile_of(run_dir)["settings"][0]["samples"] == 6, "traced steps are not measured"
 
 
+@pytest.mark.slow
 def test_sigterm_mid_sweep_then_rerun_keeps_the_measured_settings(env, tmp_path):
     args = [*PROFILE, "profile.steps=15", "profile.batch_sizes=[2,4,8]", "run_directory=swept"]
     measurements = tmp_path / "runs/swept/profile/measurements.json"
@@ -219,6 +226,7 @@ def test_sigterm_mid_sweep_then_rerun_keeps_the_measured_settings(env, tmp_path)
     assert again.returncode == 0 and "stage profile: finished in an earlier run, skipped" in again.stdout
 
 
+@pytest.mark.slow
 def test_the_preset_profiles_faster_rcnn_training_on_the_oxford_pet_layout(env, tmp_path):
     from app.data.shapes import write_pet_layout
 
@@ -241,6 +249,7 @@ def test_the_preset_profiles_faster_rcnn_training_on_the_oxford_pet_layout(env, 
     assert "type: SGD" in saved and "momentum: 0.9" in saved and "prefetch_factor: 2" in saved
 
 
+@pytest.mark.slow
 def test_selection_and_profile_share_one_report(env, tmp_path):
     result = thresher([*SMALL, "sampler=random", "sampler.stopping_condition.n_samples=20",
                        "stages=[scan,embed,select,profile]", "profile.batch_sizes=[2]", "profile.warmup_steps=1",
@@ -254,6 +263,7 @@ def test_selection_and_profile_share_one_report(env, tmp_path):
     assert page.count("<img ") == len(report["plots"]) + len(report["profile"]["plots"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("profile.mode=fast", "profile.mode='fast' is not allowed: choose from train, infer, latency"),
     ("profile.batch_sizes=[0,2]", "profile.batch_sizes=[0, 2] is not allowed: use a list of batch sizes >= 1"),

@@ -235,6 +235,7 @@ def test_report_json_matches_brute_force(run_dir):
     assert len(report["plots"]) == 5
 
 
+@pytest.mark.slow
 def test_random_subset_is_seeded(run_dir):
     run_dir = run_dir[0]
     write_report(run_dir, seed=1)
@@ -300,6 +301,7 @@ def test_large_sets_take_nearest_neighbours_on_a_seeded_subsample_and_say_so(run
     assert "among a seeded random subsample of 8 of the 24 removed" in pairs_caption
 
 
+@pytest.mark.slow
 def test_points_passed_by_the_caller_give_the_same_report(run_dir):
     run_dir, _, embeddings, _ = run_dir
     write_report(run_dir, seed=4)
@@ -369,6 +371,7 @@ def test_importing_the_report_loads_neither_torch_nor_matplotlib():
     assert output.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_report_of_a_real_pipeline_run(env, tmp_path):
     process = thresher([*SMALL, "stages=[scan,embed,select]", "run_directory=x"], env, tmp_path)
     assert process.returncode == 0, process.stderr[-2000:]
@@ -406,6 +409,7 @@ def chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProc
                            *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_report_renders_every_plot_in_headless_chromium(run_dir, tmp_path):
     binary = find_chromium()
     run_dir = run_dir[0]

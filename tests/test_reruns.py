@@ -46,6 +46,7 @@ def run(monkeypatch, tmp_path, cache_dir, caplog):
     return run_with
 
 
+@pytest.mark.slow
 def test_a_changed_input_folder_runs_scan_and_every_later_stage_again(run, tmp_path):
     first = image_folder(tmp_path / "first", [f"a/{i}.png" for i in range(4)])
     second = image_folder(tmp_path / "second", [f"b/{i}.png" for i in range(5)])
@@ -109,6 +110,7 @@ def test_a_changed_embeddings_file_runs_embed_and_select_again(run, tmp_path):
     assert "100" in (run_dir / "data/embeddings.csv").read_text()
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_resumes_only_under_the_same_settings(run, tmp_path):
     args = [*SMALL, "sampler=random", "trainer.epochs=2"]
 

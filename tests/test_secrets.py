@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app import secrets
-from conftest import SMALL, only_run_dir, thresher
+from conftest import SMALL, main_in_process, only_run_dir, thresher
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +59,7 @@ def test_log_records_and_their_tracebacks_are_redacted():
     assert "hunter2" not in record.getMessage() and "hunter2" not in record.exc_text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel", ["argv", "env", "file"])
 def test_no_secret_anywhere_in_a_full_run(channel, env, tmp_path):
     token = f"tok-{channel}-{token_source.token_hex(12)}"
@@ -80,6 +81,7 @@ def test_no_secret_anywhere_in_a_full_run(channel, env, tmp_path):
     assert "token: '***'" in (run_dir / ".hydra/config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_no_secret_in_the_error_of_a_failed_run(env, tmp_path):
     token = f"tok-{token_source.token_hex(12)}"
     # the token is also the name of a missing input folder, so the error message would hold it
@@ -104,6 +106,7 @@ def test_secret_resolver_reads_the_variable_or_its_file_and_registers_the_value(
     assert "from-a" not in OmegaConf.to_yaml(cfg), "a saved config holds the reference, not the value"
 
 
+@pytest.mark.slow
 def test_a_required_secret_that_is_missing_is_named_at_start(env, tmp_path):
     result = thresher(["data=folder", f"data.input_dir={tmp_path}", "storage_options.s3.secret=${secret:MY_BUCKET_SECRET}"],
                       env, tmp_path)
@@ -113,6 +116,7 @@ def test_a_required_secret_that_is_missing_is_named_at_start(env, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists(), "refused before any work"
 
 
+@pytest.mark.slow
 def test_known_secrets_are_redacted_from_errors_and_printed_configs(env, tmp_path):
     keys = {name: f"{name.lower()}-{token_source.token_hex(8)}" for name in
             ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AZURE_STORAGE_ACCOUNT_KEY")}
@@ -132,6 +136,7 @@ def test_known_secrets_are_redacted_from_errors_and_printed_configs(env, tmp_pat
     assert "secret: ${secret:AWS_SECRET_ACCESS_KEY,null}" in plain.stdout
 
 
+@pytest.mark.slow
 def test_no_secret_in_any_file_of_a_selection_run(env, tmp_path):
     keys = {name: f"{name.lower()}-{token_source.token_hex(8)}" for name in ("THRESHER_TOKEN", "WANDB_API_KEY",
                                                                           "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")}
@@ -145,3 +150,35 @@ def test_no_secret_in_any_file_of_a_selection_run(env, tmp_path):
         assert key.encode() not in written and key not in result.stdout + result.stderr
     saved = (run_dir / ".hydra/config.yaml").read_text()
     assert "token: '***'" in saved and "key: ${secret:AWS_ACCESS_KEY_ID,null}" in saved
+
+
+# ---- the fast tier's in-process checks of the CLI runs above -------------------------------------
+
+def test_no_secret_in_the_error_of_a_run_refused_in_process(monkeypatch, capsys, tmp_path, cache_dir):
+    """test_no_secret_in_the_error_of_a_failed_run (slow tier) through `app.cli.main` in this process."""
+    token = f"tok-{token_source.token_hex(12)}"
+    # the token is also the name of a missing input folder, so the error message would hold it
+    code, out, err = main_in_process(["data=folder", f"data.input_dir=/data/{token}", f"token={token}"],
+                                     monkeypatch, capsys, tmp_path, cache_dir)
+    assert code == 2
+    assert token not in out + err
+    assert err.startswith("thresher: error: ") and "***" in err
+
+
+def test_a_missing_required_secret_is_named_in_process_and_a_known_one_is_never_printed(monkeypatch, capsys,
+                                                                                      tmp_path, cache_dir):
+    """test_a_required_secret_that_is_missing_is_named_at_start and the printed config of
+    test_known_secrets_are_redacted_from_errors_and_printed_configs (slow tier), in this process."""
+    code, out, err = main_in_process(["data=folder", f"data.input_dir={tmp_path}",
+                                      "storage_options.s3.secret=${secret:MY_BUCKET_SECRET}"],
+                                     monkeypatch, capsys, tmp_path, cache_dir)
+    assert code == 2
+    assert err.startswith("thresher: error: storage_options.s3.secret: the secret MY_BUCKET_SECRET is required "
+                          "and not set: export MY_BUCKET_SECRET, or MY_BUCKET_SECRET_FILE")
+    assert "Traceback" not in err and not (tmp_path / "runs").exists(), "refused before any work"
+
+    key = f"aws-{token_source.token_hex(8)}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key)
+    code, out, err = main_in_process(["--cfg", "job", "--resolve"], monkeypatch, capsys, tmp_path, cache_dir)
+    assert code == 0, err
+    assert "secret: ***" in out and key not in out + err

@@ -11,6 +11,9 @@ from PIL import Image
 
 from conftest import only_run_dir, summary_of, thresher
 
+# Every test here runs the CLI in a fresh process: the slow tier (`python -m pytest --slow`).
+pytestmark = pytest.mark.slow
+
 FOLDER = ["data=folder", "data.image_size=32", "hardware=cpu", "trainer.epochs=1"]
 
 

@@ -56,6 +56,7 @@ def job_lr(job: Path) -> float:
     return float(config["trainer"]["optimizer"]["params"]["lr"])
 
 
+@pytest.mark.slow
 def test_an_optuna_sweep_maximises_the_key_metric_each_job_returns(env, tmp_path, optuna_sweeper):
     result, told = sweep([*SMALL, "sampler=none", "note=tune", "hydra.sweeper.n_trials=3",
                           "hydra.sweeper.direction=maximize", f"{LR}=tag(log, interval(0.0001, 0.01))"],
@@ -83,6 +84,7 @@ def test_an_optuna_sweep_maximises_the_key_metric_each_job_returns(env, tmp_path
     assert metrics[results["best_params"][LR]] == best
 
 
+@pytest.mark.slow
 def test_a_sweep_job_without_a_key_metric_is_a_failed_trial_and_the_sweep_goes_on(env, tmp_path, optuna_sweeper):
     """A run that trains nothing returns None: Optuna records the trial as failed and runs the
     next one; with no trial completed there is no best value, and the sweep exits non-zero."""
@@ -95,6 +97,7 @@ def test_a_sweep_job_without_a_key_metric_is_a_failed_trial_and_the_sweep_goes_o
     assert not (sweep_dir / "optimization_results.yaml").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_sweep_job_is_a_failed_trial_and_stops_the_sweep_by_max_failure_rate(env, tmp_path,
                                                                                       optuna_sweeper):
     """A failed job raises: Optuna marks the trial failed, and with the default

@@ -21,6 +21,7 @@ def read_rows(path: Path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_training_writes_last_best_and_snapshot_checkpoints_and_metrics(env, tmp_path):
     result = thresher([*TRAIN_ONLY, "trainer.epochs=2", "trainer.save_epochs=1"], env, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -46,6 +47,7 @@ def final_weights(run_dir: Path):
     return torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_training_then_resume_gives_the_weights_of_an_uninterrupted_run(env, tmp_path):
     args = [*TRAIN_ONLY, "trainer.batch_size=4", "trainer.epochs=6", "trainer.deterministic=true",
             "data.augment.color_jitter.brightness=0.3", "trainer.scheduler.type=StepLR",
@@ -73,6 +75,7 @@ def test_sigterm_mid_training_then_resume_gives_the_weights_of_an_uninterrupted_
                        for r in read_rows(tmp_path / "runs/whole/metrics.csv")]
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_trains_on_from_the_finished_run(env, tmp_path):
     first = thresher([*TRAIN_ONLY, "run_directory=longer"], env, tmp_path)
     assert first.returncode == 0, first.stderr
@@ -87,6 +90,7 @@ def test_resume_with_more_epochs_trains_on_from_the_finished_run(env, tmp_path):
     assert again.returncode == 0 and "stage train: finished in an earlier run, skipped" in again.stdout
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_refused_not_loaded(env, tmp_path):
     first = thresher([*TRAIN_ONLY, "run_directory=damaged"], env, tmp_path)
     assert first.returncode == 0, first.stderr
@@ -103,6 +107,7 @@ def test_a_damaged_checkpoint_is_refused_not_loaded(env, tmp_path):
     assert "last.pt is damaged" in rerun.stderr and "Traceback" not in rerun.stderr
 
 
+@pytest.mark.slow
 def test_optimizer_arguments_are_checked_against_torch_before_any_stage(env, tmp_path):
     result = thresher([*TRAIN_ONLY, "+trainer.optimizer.params.momentun=0.9"], env, tmp_path)
     assert result.returncode == 2
@@ -114,6 +119,7 @@ def test_optimizer_arguments_are_checked_against_torch_before_any_stage(env, tmp
     assert missing.returncode == 2 and "+trainer.scheduler.params.step_size=" in missing.stderr
 
 
+@pytest.mark.slow
 def test_sgd_with_momentum_step_schedule_and_warmup_follow_the_named_torch_classes(env, tmp_path):
     result = thresher([*TRAIN_ONLY, "trainer.epochs=4", "trainer.optimizer.type=SGD",
                        "trainer.optimizer.params={lr: 0.1}", "+trainer.optimizer.params.momentum=0.9",
@@ -127,6 +133,7 @@ def test_sgd_with_momentum_step_schedule_and_warmup_follow_the_named_torch_class
     assert [pytest.approx(float(r["lr"])) for r in rows] == [0.025, 0.1, 0.05, 0.025]
 
 
+@pytest.mark.slow
 def test_tensorboard_logger_writes_event_files_under_bf16_autocast_and_channels_last(env, tmp_path):
     result = thresher([*TRAIN_ONLY, "logger=tensorboard", "logger.log_every_n_steps=1", "trainer.amp=bf16",
                        "trainer.channels_last=true"], env, tmp_path)
@@ -136,6 +143,7 @@ def test_tensorboard_logger_writes_event_files_under_bf16_autocast_and_channels_
     assert (run_dir / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_without_network_and_never_writes_the_key(env, tmp_path):
     key = "wandbkey-0123456789abcdef0123456789abcdef"
     env = {**env, "WANDB_API_KEY": key}
@@ -149,12 +157,14 @@ def test_wandb_offline_logs_without_network_and_never_writes_the_key(env, tmp_pa
             assert key.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_wandb_online_without_a_key_fails_at_start_naming_the_variable(env, tmp_path):
     env = {k: v for k, v in env.items() if not k.startswith("WANDB")}
     result = thresher([*TRAIN_ONLY, "logger=wandb", "logger.mode=online"], env, tmp_path)
     assert result.returncode == 2 and "WANDB_API_KEY" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, metric", [("fasterrcnn_mobilenet_v3_large_fpn", "val_map"),
                                            ("keypointrcnn_resnet50_fpn", "val_keypoints_map")])
 def test_detection_and_keypoint_models_train_on_shapes_and_report_map(env, tmp_path, model, metric):
@@ -169,6 +179,7 @@ def test_detection_and_keypoint_models_train_on_shapes_and_report_map(env, tmp_p
     assert metrics["classes"][0] == "__background__" and len(metrics["classes"]) == 4
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_the_cpu_with_gloo(env, tmp_path):
     result = thresher([*TRAIN_ONLY, "hardware=multi_gpu", "hardware.device=cpu", "hardware.nproc_per_node=2",
                        "hardware.num_workers=0", "trainer.epochs=2"], env, tmp_path, timeout=600)

@@ -205,6 +205,7 @@ def test_sequences_are_consecutive_frames_of_one_video():
                          ["b-04-mp4.png", "b-05-mp4.png"]]
 
 
+@pytest.mark.slow
 def test_selection_from_videos_on_the_command_line(env, tmp_path):
     root = tmp_path / "input"
     make_video(root / "cam1" / "drive.mp4", n_frames=24)
