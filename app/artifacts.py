@@ -74,6 +74,7 @@ CPU_TIME_PNG = "plots/profile_cpu_time_per_sample.png"
 LATENCY_PNG = "plots/profile_latency.png"
 BATCH_LATENCY_PNG = "plots/profile_latency_vs_batch_size.png"
 PROFILE_PLOTS = (THROUGHPUT_PNG, CPU_TIME_PNG, LATENCY_PNG, BATCH_LATENCY_PNG)
+TRAINING_CURVE_PNG = "plots/training_curve.png"  # the train stage's section of the report
 # profile
 MEASUREMENTS = "profile/measurements.json"  # rewritten after every setting of the sweep
 TRACES = "profile/traces"  # profile.trace=true: a Chrome trace per setting
@@ -139,8 +140,10 @@ STAGE_ARTIFACTS: Dict[str, StageArtifacts] = {
         writes=(MEASUREMENTS, TRACES, REPORT_JSON, REPORT_HTML, *PROFILE_PLOTS)),
     "train": StageArtifacts(
         needs=(INPUT_FILES, DATASET),
-        reads=(SAMPLED, LAST),
-        writes=(LAST, BEST, EPOCH_CHECKPOINTS, METRICS_JSON, METRICS_CSV, TENSORBOARD, WANDB),
+        # REPORT_JSON: the selection's or the profile's section, which the training section joins.
+        reads=(SAMPLED, LAST, REPORT_JSON),
+        writes=(LAST, BEST, EPOCH_CHECKPOINTS, METRICS_JSON, METRICS_CSV, TENSORBOARD, WANDB, REPORT_JSON,
+                REPORT_HTML, TRAINING_CURVE_PNG),
         resume_state=(LAST, BEST, EPOCH_CHECKPOINTS, METRICS_CSV, METRICS_JSON, TENSORBOARD)),
 }
 

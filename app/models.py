@@ -13,6 +13,21 @@ from app.errors import UserError
 from app.train.tasks.base import WEIGHTS_NAME_PATTERN
 
 log = logging.getLogger("thresher")
+# Models already reported as randomly initialised in this run: the embed and train stages build the
+# same model, and one warning says it.
+_warned_random: set = set()
+
+
+def warn_randomly_initialised(name: str, what: str) -> None:
+    """The loud warning that model.weights=null starts `name` from scratch, once per run."""
+    if name not in _warned_random:
+        _warned_random.add(name)
+        log.warning("model %s is RANDOMLY INITIALISED (model.weights=null): %s", name, what)
+
+
+def forget_warnings() -> None:
+    """A new run in this process (a sweep's next job) warns again."""
+    _warned_random.clear()
 
 
 def load_weights(weights: Optional[str], key: str = "model.weights") -> Optional[dict]:
@@ -61,8 +76,7 @@ def build_classifier(name: str, num_classes: int, weights: Optional[str], key: s
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     state = load_weights(weights, key)
     if state is None:
-        log.warning("model %s is RANDOMLY INITIALISED (model.weights=null): embeddings and training "
-                    "start from scratch", name)
+        warn_randomly_initialised(name, "embeddings and training start from scratch")
         return model
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -14,9 +14,12 @@ class Progress:
     """Count work done; `update(n, loss=...)` after each batch. Use as a context manager."""
 
     def __init__(self, total: int, desc: str, unit: str = "img", every_s: float = 10.0,
-                 live: Optional[bool] = None):
+                 live: Optional[bool] = None, initial: int = 0):
+        """`initial`: work done before this process started (a resumed epoch); it counts towards
+        the total but not towards the rate."""
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-        self.done = 0
+        self.done = self.initial = initial
+        self._logged = -1  # `done` when the last plain line was written
         self.postfix: dict = {}
         self.started = self._last_line = time.perf_counter()
         self.live = sys.stderr.isatty() if live is None else live
@@ -25,7 +28,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True,
-                             file=sys.stderr)
+                             file=sys.stderr, initial=initial)
 
     def __enter__(self) -> "Progress":
         return self
@@ -36,7 +39,7 @@ class Progress:
     @property
     def rate(self) -> float:
         elapsed = time.perf_counter() - self.started
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
 
     def update(self, n: int = 1, **postfix) -> None:
         self.done += n
@@ -50,6 +53,7 @@ class Progress:
 
     def _log_line(self) -> None:
         self._last_line = time.perf_counter()
+        self._logged = self.done
         percent = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         rate = self.rate
         eta = (self.total - self.done) / rate if rate > 0 and self.total else 0.0
@@ -61,7 +65,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif completed:
+        elif completed and self._logged != self.done:  # the last periodic line may have said it already
             self._log_line()
 
 

@@ -24,11 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from app import atomic
 from app.artifacts import (CONTAINER_LOG, HYDRA_CONFIGS, HYDRA_LOG, INPUT_FILES, LOCK, MARKER, NODE_SUMMARY,
                            RUN_OUTPUTS, STAGE_ARTIFACTS, SUMMARY, producer_of, read_run_id, summary_file)
+from app.closing_summary import closing_lines, print_closing_summary
 from app.config import STAGES, trains, validate
 from app.data.locations import is_url, staging_dir
 from app.data.sources import configure_storage_for
 from app.errors import UserError, print_error, print_user_error
 from app.fingerprints import describe_change, stage_fingerprint
+from app.hostpaths import install_host_paths
 from app.lifecycle import Interrupted, install_signal_handlers, restore_default_signal_handlers, seed_everything
 from app.sampling.samplers import needs_embeddings
 from app.secrets import REDACTED, install_redaction, read_secret, redact, register_secret
@@ -309,7 +311,10 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None, checked: bool
     """Run the configured stages in `run_dir`; returns the process exit code. `checked`: the CLI
     checked this config in this process already (validate, and the torch checks of training)."""
     install_redaction()  # Hydra configured its log handlers after the CLI installed it
+    install_host_paths()
     degrade_log_files_quietly()
+    if "app.models" in sys.modules:  # a sweep's next job in this process says its warnings again
+        sys.modules["app.models"].forget_warnings()
     started = time.perf_counter()
     run = RunDirectory(run_dir, node_suffix(cfg))
     summary: Optional[Summary] = None
@@ -351,10 +356,13 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None, checked: bool
             summary.data["sanity_check"] = sanity_check(cfg, run_dir, device)
         else:
             run_stages(cfg, run_dir, device, summary, resuming, stages)
-        summary.data.update(status="finished", finished_at=utc_now(),
-                            duration_s=round(time.perf_counter() - started, 3))
+        duration = time.perf_counter() - started
+        summary.data.update(status="finished", finished_at=utc_now(), duration_s=round(duration, 3))
         summary.save()
-        log.info("finished in %.1fs: %s", time.perf_counter() - started, run_dir / SUMMARY)
+        if not cfg.sanity_check:
+            print_closing_summary(closing_lines(summary.data, run_dir, cfg, duration))
+        else:
+            log.info("finished in %.1fs: %s", duration, run_dir / SUMMARY)
         return 0
     except UserError as error:
         _record_failure(summary, "failed", str(error))

@@ -70,6 +70,7 @@ def hydra_config(tmp_path: Path, overrides: List[str], num: int = 0):
 # ---------------------------------------------------------------------------------------------
 # Without an engine: what each container gets
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hydra_finds_the_docker_launcher_from_any_folder(tmp_path, launcher_env):
     process = thresher(["hydra/launcher=docker", "hydra.launcher.gpus_per_job=1", "--cfg", "hydra"],
                        launcher_env, tmp_path, timeout=120)
@@ -82,6 +83,7 @@ def test_hydra_finds_the_docker_launcher_from_any_folder(tmp_path, launcher_env)
     assert launcher["environment"] == ["THRESHER_TOKEN"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, plugin", [("joblib", "hydra_plugins.hydra_joblib_launcher"),
                                               ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher")])
 def test_hydras_own_launchers_compose_when_their_extra_is_installed(tmp_path, launcher_env, launcher, plugin):
@@ -120,6 +122,9 @@ def test_a_job_writes_its_run_directory_where_a_local_multirun_would(tmp_path):
     assert mounts["/data/output"]["ReadOnly"] is False
     assert mounts["/data/input"]["Source"] == str(images)
     assert mounts["/data/input"]["ReadOnly"] is True
+    # the job's log lines name these host folders instead of the mounts
+    assert kwargs["environment"]["THRESHER_HOST_OUTPUT"] == str(tmp_path / "runs")
+    assert kwargs["environment"]["THRESHER_HOST_INPUT"] == str(images)
     assert kwargs["user"] == f"{os.getuid()}:{os.getgid()}"
     assert kwargs["labels"]["thresher.launcher"] == "docker"
     assert kwargs["labels"]["thresher.job_num"] == "3"

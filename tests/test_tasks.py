@@ -215,9 +215,14 @@ def tiny_batch(task: str, num_keypoints: int = 4):
 
 
 @pytest.mark.parametrize("task, name", [("classification", "resnet18"),
-                                        ("detection", "fasterrcnn_mobilenet_v3_large_fpn"),
-                                        ("keypoints", "keypointrcnn_resnet50_fpn")])
+                                        pytest.param("detection", "fasterrcnn_mobilenet_v3_large_fpn",
+                                                     marks=pytest.mark.slow),  # seconds each on two cores
+                                        pytest.param("keypoints", "keypointrcnn_resnet50_fpn",
+                                                     marks=pytest.mark.slow)])
 def test_each_task_model_builds_takes_a_training_step_and_predicts(task, name, caplog):
+    from app.models import forget_warnings
+
+    forget_warnings()  # an earlier test in this process may have built the same model
     with caplog.at_level(logging.WARNING, logger="thresher"):
         model = build_model(task, name, num_classes=4 if task != "classification" else 3, num_keypoints=4,
                             weights=None, image_size=64)

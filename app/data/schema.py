@@ -69,8 +69,8 @@ class DataConfig:
 @dataclass
 class ShapesDataConfig(DataConfig):
     name: str = "shapes"
-    n_images: int = 300
-    shapes_image_size: int = 96
+    n_images: int = 960
+    shapes_image_size: int = 64
     n_corrupt: int = 0
 
 

@@ -35,12 +35,13 @@ from hydra_plugins.thresher_docker_launcher.config import DockerLauncherConf
 from app import atomic
 from app.artifacts import CONTAINER_LOG, METRICS_JSON, SUMMARY
 from app.errors import UserError
+from app.hostpaths import CONTAINER_INPUT, CONTAINER_OUTPUT
 from app.secrets import redact, register_secret
 
 log = logging.getLogger("thresher.launcher")
 
-CONTAINER_WORK_DIR = "/data/output"
-CONTAINER_INPUT_DIR = "/data/input"
+CONTAINER_WORK_DIR = CONTAINER_OUTPUT  # the image's mounts (app.hostpaths)
+CONTAINER_INPUT_DIR = CONTAINER_INPUT
 CONTAINER_RUN_DIR = "/data/run"  # the job's run directory, when it lies outside work_dir
 # Any other path a job reads: /data/inputs/<config key> (a folder), /data/inputs/<config key>/<name> (a file).
 CONTAINER_INPUTS_DIR = "/data/inputs"
@@ -315,7 +316,9 @@ def container_kwargs(job: Job, options: LauncherOptions, gpu_ids: Sequence[str],
         name=f"thresher-job{job.num}-{uuid.uuid4().hex[:8]}",
         labels={LABEL_LAUNCHER: "docker", LABEL_SWEEP_DIR: str(job.sweep_dir), LABEL_JOB: str(job.num),
                 **{str(k): str(v) for k, v in options.labels.items()}},
-        environment=dict(environment),
+        # the job's log lines name the host's folders, not the mounts (app.hostpaths)
+        environment={**environment, "THRESHER_HOST_OUTPUT": str(job.host_work_dir),
+                     **({"THRESHER_HOST_INPUT": str(job.host_input_dir)} if job.host_input_dir is not None else {})},
         user=options.container_user(),
         mounts=mounts,
         shm_size=options.shm_size,

@@ -90,8 +90,11 @@ def render_html(run_dir: Path, report: dict) -> str:
     parts = [f"<h1>thresher report</h1><p class=subtitle>run <code>{escape(run_dir.name)}</code>"
              + (f" · embeddings of dimension {report['embedding_dim']}" if report.get("embedding_dim") else "")
              + "</p>"]
+    parts += at_a_glance(report)
     if "counts" in report:
         parts += selection_sections(run_dir, report)
+    if report.get("training"):
+        parts += training_sections(run_dir, report["training"])
     if report.get("profile"):
         parts += profile_sections(run_dir, report["profile"])
     body = "\n".join(parts)
@@ -99,6 +102,44 @@ def render_html(run_dir: Path, report: dict) -> str:
             f"<meta name=viewport content=\"width=device-width, initial-scale=1\">"
             f"<title>thresher report: {escape(run_dir.name)}</title>"
             f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{SCRIPT}</script>\n</body></html>\n")
+
+
+def at_a_glance(report: dict) -> List[str]:
+    """The run's story in two lines at the top: what was selected, and how well the model trained
+    on it did."""
+    lines = []
+    counts = report.get("counts")
+    if counts:
+        lines.append(f"Selected <b>{counts['selected']:,}</b> of {counts['candidates']:,} images "
+                     f"({counts['corrupt']:,} corrupt and {counts['duplicates']:,} exact duplicates set aside "
+                     f"before).")
+    training = report.get("training")
+    if training:
+        best, final, metric = training.get("best") or {}, training["final"], training["key_metric"]
+        shown = f"<b>{escape(metric)} {_number(final.get(metric))}</b> after {final['epoch']} epochs"
+        if best and best.get("epoch") != final["epoch"]:
+            shown += f" (best {_number(best['value'])} at epoch {best['epoch']}: checkpoints/best.pt)"
+        lines.append(f"Trained <code>{escape(training['model'])}</code> on {training['n_train']:,} images, "
+                     f"validated on {training['n_val']:,}: {shown}.")
+    if not lines:
+        return []
+    return ["<h2>At a glance</h2>", "<p>" + "<br>".join(lines) + "</p>"]
+
+
+def training_sections(run_dir: Path, training: dict) -> List[str]:
+    """The curve, and the key metric per epoch."""
+    metric = training["key_metric"]
+    parts = ["<h2>Training</h2>",
+             f"<p><code>{escape(training['model'])}</code> ({escape(training['task'])}) on {training['n_train']:,} "
+             f"selected images, validated on {training['n_val']:,}; <code>{escape(metric)}</code> picks "
+             f"checkpoints/best.pt.</p>"]
+    captions: Dict[str, str] = training.get("plot_captions", {})
+    parts += [_figure(run_dir, plot, captions.get(plot, plot)) for plot in training.get("plots", [])
+              if (run_dir / plot).is_file()]
+    columns = ["epoch", "train_loss"] + ([metric] if metric != "train_loss" else []) + ["lr", "images_per_s"]
+    rows = [[_number(record.get(column)) for column in columns] for record in training["epochs"]]
+    parts.append(_table(columns, rows))
+    return parts
 
 
 def selection_sections(run_dir: Path, report: dict) -> List[str]:

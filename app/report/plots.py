@@ -263,3 +263,31 @@ def plot_latency(rows: Sequence[dict], title: str, path: Path) -> None:
     axes.grid(alpha=0.3, axis="y")
     axes.legend(fontsize=8)
     save_png(figure, path)
+
+
+def plot_training_curve(epochs: Sequence[dict], key_metric: str, best_epoch: Optional[int], path: Path) -> None:
+    """Training loss (left axis) and the key metric (right axis) per epoch, the best epoch marked."""
+    figure = _figure(7, 3.6)
+    loss_axes = figure.add_subplot()
+    x = [record["epoch"] for record in epochs]
+    loss_axes.plot(x, [record["train_loss"] for record in epochs], "o-", color=COLOURS["input"], label="train_loss")
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("train_loss")
+    loss_axes.grid(alpha=0.3)
+    lines = loss_axes.get_lines()
+    values = [record.get(key_metric) for record in epochs]
+    if key_metric != "train_loss" and any(v is not None for v in values):
+        metric_axes = loss_axes.twinx()
+        metric_axes.plot(x, [np.nan if v is None else v for v in values], "o-", color=COLOURS["selection"],
+                         label=key_metric)
+        metric_axes.set_ylabel(key_metric)
+        if all(v is None or 0 <= v <= 1 for v in values):  # a share (top-1, mAP): its whole range
+            metric_axes.set_ylim(0, 1.02)
+        if best_epoch is not None and best_epoch in x:
+            metric_axes.plot([best_epoch], [values[x.index(best_epoch)]], "o", markersize=12, fillstyle="none",
+                             color=COLOURS["selection"], label=f"best (epoch {best_epoch})")
+        lines = lines + metric_axes.get_lines()
+    loss_axes.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    loss_axes.xaxis.get_major_locator().set_params(integer=True)
+    loss_axes.set_title(f"Training: {key_metric} and train_loss per epoch", fontsize=10)
+    save_png(figure, path)

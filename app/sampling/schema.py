@@ -35,7 +35,9 @@ class SamplerConfig:
     # Before selecting, drop images closer than this to an earlier kept image; -1 for off.
     near_duplicate_distance: float = -1.0
     normalize_embeddings: bool = True
-    batch_size: int = 64
+    # Images per forward pass of the embedding model: each batch has a fixed cost, and 64 made the
+    # local embed 1.5x slower than 256 on 2 CPU cores at 24 px (BENCHMARKS.md).
+    batch_size: int = 256
     # The classifier whose penultimate layer embeds the images; null: model.name when that is a
     # classifier, else resnet18.
     embedding_model: Optional[str] = None

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from app.errors import UserError
-from app.models import load_weights
+from app.models import load_weights, warn_randomly_initialised
 
 log = logging.getLogger("thresher")
 
@@ -38,8 +38,7 @@ def build_detector(task: str, name: str, num_classes: int, weights: Optional[str
         raise UserError(f"model.name={name!r} cannot be built for {task}: {error}") from None
     state = load_weights(weights)
     if state is None:
-        log.warning("model %s is RANDOMLY INITIALISED (model.weights=null): %s training starts from scratch",
-                    name, task)
+        warn_randomly_initialised(name, f"{task} training starts from scratch")
         return model
     fitting = _fitting_tensors(model, state)
     if not fitting:

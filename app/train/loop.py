@@ -14,6 +14,7 @@ evaluate, step the scheduler, save. What differs between tasks is asked of the t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -180,6 +181,11 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
         saver.wait()  # the stage is finished only when last.pt is on disk
         if loggers is not None:
             loggers.close()
+    report_files = []
+    if main_process:
+        from app.report.training import write_training_report
+
+        report_files = write_training_report(run_dir, json.loads((run_dir / METRICS_JSON).read_text()))
     final = position.history[-1]
     best = position.best or {}
     return TrainResult(
@@ -187,7 +193,8 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
         epochs=trainer.epochs, train_loss=round(final["train_loss"], 5), key_metric=key_metric,
         key_metric_value=_rounded(final.get(key_metric)), best_epoch=int(best.get("epoch", final["epoch"])),
         images_per_s=round(sum(h["images_per_s"] for h in position.history) / len(position.history), 2),
-        compute_efficiency=round(final["compute_efficiency"], 3), processes=world_size, resumed_from=resumed_from)
+        compute_efficiency=round(final["compute_efficiency"], 3), processes=world_size, resumed_from=resumed_from,
+        artifacts=[LAST, BEST, METRICS_JSON, METRICS_CSV, *report_files])
 
 
 def train_one_epoch(setup: TrainingSetup, loader, position: Position, stop, loggers, desc: str) -> bool:
@@ -197,8 +204,9 @@ def train_one_epoch(setup: TrainingSetup, loader, position: Position, stop, logg
     total = loader.batch_sampler.n_samples()
     sums = position.sums
     # Only the first process shows progress; the others would repeat it.
-    with Progress(total, desc, live=None if main_process else False, every_s=10.0 if main_process else 1e12) as bar:
-        bar.update(min(position.batch * loader.batch_sampler.batch_size, total))
+    resumed = min(position.batch * loader.batch_sampler.batch_size, total)
+    with Progress(total, desc, live=None if main_process else False, every_s=10.0 if main_process else 1e12,
+                  initial=resumed) as bar:
         iterator = iter(loader)
         waited_since = time.perf_counter()
         while True:

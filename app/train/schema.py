@@ -74,7 +74,7 @@ class SchedulerConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 3
+    epochs: int = 6
     batch_size: int = 32
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
