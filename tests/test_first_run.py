@@ -170,7 +170,8 @@ def test_the_next_command_a_run_suggests_runs_as_printed_and_trains_on(env, tmp_
         (folder / label).mkdir(parents=True)
         for i in range(6):
             Image.new("RGB", (24, 24), (40 * i, 90 if label == "cats" else 180, 20)).save(folder / label / f"{i}.png")
-    first = thresher([*SMALL, "data=folder", f"data.input_dir={folder}", "sampler=random"], env, tmp_path)
+    first = thresher(["data=folder", f"data.input_dir={folder}", "sampler=random", "data.image_size=32",
+                      "trainer.epochs=1", "hardware=cpu"], env, tmp_path)
     assert first.returncode == 0, first.stderr
     suggestion = closing_summary(first.stdout)["next"]
     assert suggestion.startswith("train longer on this selection: thresher ")
