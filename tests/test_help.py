@@ -4,30 +4,15 @@ them; and those schemas still type every option."""
 from __future__ import annotations
 
 import re
-import sys
-from typing import List
 
 import pytest
 from omegaconf import OmegaConf
 
 from app import cli
 from app.data.schema import CocoDataConfig, FolderDataConfig, OxfordPetDataConfig, ShapesDataConfig
-from conftest import compose
+from conftest import compose, main_in_process
 
 SCHEMA_NAME = re.compile(r"\w*_schema\b")
-
-
-def run_cli(args: List[str], capsys, monkeypatch) -> tuple:
-    """`thresher *args` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["thresher"])  # cli.main sets sys.argv for Hydra; put it back after
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    code = 0
-    try:
-        cli.main(args)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def groups_in_help(text: str) -> dict:
@@ -41,17 +26,17 @@ def groups_in_help(text: str) -> dict:
     return groups
 
 
-def test_help_lists_each_group_with_its_yaml_options_only(capsys, monkeypatch):
-    code, out, _ = run_cli(["--help"], capsys, monkeypatch)
+def test_help_lists_each_group_with_its_yaml_options_only(capsys, monkeypatch, tmp_path, cache_dir):
+    code, out, _ = main_in_process(["--help"], monkeypatch, capsys, tmp_path, cache_dir)
 
     assert code == 0
     assert groups_in_help(out) == {group: cli.group_options(group) for group in cli.GROUPS}
     assert not SCHEMA_NAME.search(out), SCHEMA_NAME.findall(out)
 
 
-def test_a_missing_option_in_a_sweep_lists_only_the_yaml_options(capsys, monkeypatch):
+def test_a_missing_option_in_a_sweep_lists_only_the_yaml_options(capsys, monkeypatch, tmp_path, cache_dir):
     """Hydra answers `-m` itself (each job checks its own config), with its own list of options."""
-    code, out, err = run_cli(["-m", "data=cocoo"], capsys, monkeypatch)
+    code, out, err = main_in_process(["-m", "data=cocoo"], monkeypatch, capsys, tmp_path, cache_dir)
 
     assert code == 1
     listed = re.findall(r"^\t(\S+)$", err, flags=re.M)
@@ -59,8 +44,8 @@ def test_a_missing_option_in_a_sweep_lists_only_the_yaml_options(capsys, monkeyp
     assert not SCHEMA_NAME.search(out + err)
 
 
-def test_a_missing_option_in_a_run_lists_only_the_yaml_options(capsys, monkeypatch):
-    code, _, err = run_cli(["sampler=corest", "--cfg", "job"], capsys, monkeypatch)
+def test_a_missing_option_in_a_run_lists_only_the_yaml_options(capsys, monkeypatch, tmp_path, cache_dir):
+    code, _, err = main_in_process(["sampler=corest", "--cfg", "job"], monkeypatch, capsys, tmp_path, cache_dir)
 
     assert code == 2
     assert err.strip().splitlines() == [
@@ -68,9 +53,9 @@ def test_a_missing_option_in_a_run_lists_only_the_yaml_options(capsys, monkeypat
 
 
 @pytest.mark.parametrize("group", ["data", "sampler"])
-def test_tab_completion_offers_only_the_yaml_options(group, capsys, monkeypatch):
+def test_tab_completion_offers_only_the_yaml_options(group, capsys, monkeypatch, tmp_path, cache_dir):
     monkeypatch.setenv("COMP_LINE", f"thresher {group}=")
-    code, out, _ = run_cli(["--shell-completion", "query=bash"], capsys, monkeypatch)
+    code, out, _ = main_in_process(["--shell-completion", "query=bash"], monkeypatch, capsys, tmp_path, cache_dir)
 
     assert code == 0
     assert sorted(out.split()) == [f"{group}={option}" for option in cli.group_options(group)]
@@ -95,9 +80,9 @@ def test_every_sampler_option_is_typed_by_its_registered_schema():
     ("data.n_images=many", "data.n_images='many' is not allowed: expected an integer"),
     ("sampler.stopping_condition.n_sample=3", "sampler.stopping_condition.n_sample=3: no such key"),
 ])
-def test_the_schemas_still_refuse_a_typo_or_a_wrong_type(override, refusal, capsys, monkeypatch, tmp_path):
+def test_the_schemas_still_refuse_a_typo_or_a_wrong_type(override, refusal, capsys, monkeypatch, tmp_path, cache_dir):
     monkeypatch.setenv("THRESHER_WORK_DIR", str(tmp_path / "runs"))
-    code, out, err = run_cli([override], capsys, monkeypatch)
+    code, out, err = main_in_process([override], monkeypatch, capsys, tmp_path, cache_dir)
 
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
@@ -105,10 +90,11 @@ def test_the_schemas_still_refuse_a_typo_or_a_wrong_type(override, refusal, caps
     assert not (tmp_path / "runs").exists()
 
 
-def test_cfg_job_of_a_data_option_shows_its_schema_keys_and_yaml_values(capsys, monkeypatch, tmp_path):
+def test_cfg_job_of_a_data_option_shows_its_schema_keys_and_yaml_values(capsys, monkeypatch, tmp_path, cache_dir):
     (tmp_path / "annotations.json").write_text('{"images": [], "annotations": [], "categories": []}')
-    code, out, err = run_cli(["data=coco", f"data.input_dir={tmp_path}",
-                              f"data.annotations={tmp_path / 'annotations.json'}", "--cfg", "job"], capsys, monkeypatch)
+    code, out, err = main_in_process(["data=coco", f"data.input_dir={tmp_path}",
+                                      f"data.annotations={tmp_path / 'annotations.json'}", "--cfg", "job"],
+                                     monkeypatch, capsys, tmp_path, cache_dir)
 
     assert code == 0, err
     data = OmegaConf.create(out).data
