@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ def connect(ray_cfg: Any) -> ClusterResources:
         _connected_to = address or "a Ray started for this run"
         _quiet_ray()  # again: ray.init sets up its own loggers
         _configure_ray_data()
+        if address is not None:
+            release_an_orphaned_actor_tracker()
     resources = ray.cluster_resources()
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     found = ClusterResources(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), nodes)
@@ -174,6 +177,40 @@ def _configure_ray_data() -> None:
     for flag in ("enable_operator_progress_bars", "print_on_execution_start"):
         if hasattr(context, flag):
             setattr(context, flag, False)
+
+
+# Ray Data's ActorLocationTracker: one detached, named actor per cluster, pinned to the node of the
+# first driver that ran an actor pool (ray/data/_internal/execution/node_trackers/actor_location.py).
+TRACKER_NAME = TRACKER_NAMESPACE = "ActorLocationTracker"
+
+
+def release_an_orphaned_actor_tracker(timeout_s: float = 15.0) -> bool:
+    """Kill Ray Data's actor tracker when it does not answer, so that this driver's embed stage makes
+    a new one on its own node. When the driver that created it was a node of its own (a `docker
+    compose run thresher` container) and has gone, the tracker's restarts are pinned to a node that no
+    longer exists, and every later driver's actor pool fails with ActorUnschedulableError. A tracker
+    that answers (another run's, still alive) is left alone. True when one was killed."""
+    import ray
+
+    try:
+        tracker = ray.get_actor(TRACKER_NAME, namespace=TRACKER_NAMESPACE)
+    except ValueError:
+        return False  # none yet: Ray Data creates it on this driver's node
+    try:
+        ray.get(tracker.get_actor_locations.remote([]), timeout=timeout_s)
+        return False
+    except (ray.exceptions.RayError, TimeoutError) as error:
+        log.info("ray: Ray Data's actor tracker does not answer (%s; its driver's node has gone): "
+                 "replacing it", type(error).__name__)
+        ray.kill(tracker, no_restart=True)
+    # Its name is free once the kill is through; until then ray.get_actor still finds it.
+    for _ in range(int(timeout_s * 10)):
+        try:
+            ray.get_actor(TRACKER_NAME, namespace=TRACKER_NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.1)
+    return True
 
 
 def _first_line(error: BaseException) -> str:
