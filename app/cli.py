@@ -1,12 +1,14 @@
 """The `thresher` command: Hydra's entrypoint, kept thin.
 
-Before Hydra runs, secrets are taken off the command line and the overrides are composed and
+Before Hydra runs, secrets are taken off the command line, the Lightly Worker's `lightly.*` and
+`scorer_config.*` keys are rewritten to thresher's (app.lightly_keys), and the overrides are composed and
 checked once, so a user error exits 2 with one line before any file is written. Only a run that
 trains imports torch here, to try its optimizer and scheduler; `--cfg` never does.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from app.config import register_configs, register_resolvers, run_directory_path, trains, validate
 from app.config_checks import did_you_mean
 from app.errors import UserError, print_error, print_user_error
+from app.lightly_keys import Rewritten, rewrite_worker_keys
 from app.secrets import install_redaction, redact, register_environment_secrets, take_secret_overrides
 
 
@@ -33,10 +36,12 @@ def find_conf_dir() -> Path:
 
 
 CONF_DIR = find_conf_dir()
-GROUPS = ("model", "data", "sampler", "hardware", "logger", "executor", "experiment")
+GROUPS = ("model", "data", "sampler", "scorer", "hardware", "logger", "executor", "experiment")
 # Whether preflight checked the config of the single run that Hydra starts next in this process,
 # so that the run does not check it again; each job of a sweep is checked by the run itself.
 _checked_by_preflight = False
+# The Lightly Worker keys this command's overrides were rewritten from, logged by each job.
+_worker_keys = Rewritten([])
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -45,16 +50,19 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    global _checked_by_preflight
+    global _checked_by_preflight, _worker_keys
     args = take_secret_overrides(sys.argv[1:] if argv is None else argv)
     register_environment_secrets()
     install_redaction()
     register_configs()
     register_resolvers()
+    _worker_keys = Rewritten(list(args))
     try:
+        _worker_keys = rewrite_worker_keys(args)  # lightly.* and scorer_config.*: thresher's keys
+        args = _worker_keys.args
         parsed = preflight(args)
     except UserError as error:
-        print_user_error(error)  # with its traceback under HYDRA_FULL_ERROR=1; still a user error
+        print_user_error(_worker_keys.explain(error))  # with its traceback under HYDRA_FULL_ERROR=1
         sys.exit(2)
     _checked_by_preflight = parsed is not None and not parsed.cfg
     if parsed is not None and parsed.cfg == "hydra" and parsed.resolve:
@@ -88,6 +96,8 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    for level, line in _worker_keys.messages:  # here, so that the run's log file has them too
+        logging.getLogger("thresher").log(level, line)
     checked = _checked_by_preflight and hydra_cfg.mode != RunMode.MULTIRUN
     code = execute(cfg, run_dir, hydra_cfg, checked=checked)
     if code and (hydra_cfg.mode != RunMode.MULTIRUN or code >= 128):
