@@ -1,7 +1,9 @@
 """Training checkpoints: everything needed to continue exactly where a run stopped.
 
-A checkpoint holds the model, optimizer, scheduler and AMP scaler states, the position (epoch and
-batch), every RNG state and the metric history. It is written atomically (a temp file renamed),
+last.pt holds the model, optimizer, scheduler and AMP scaler states, the position (epoch and
+batch), every RNG state and the metric history. best.pt and the epoch_NNN.pt snapshots hold the
+weights and what they mean, without the optimizer's state (for resnet18 under AdamW that is two
+thirds of the file), unless trainer.save_optimizer_state=true. Each is written atomically (a temp file renamed),
 so a kill while saving leaves the previous one whole; one that is damaged anyway is refused with
 a clear message instead of being loaded halfway.
 """
@@ -29,6 +31,13 @@ INFERENCE_KEYS = ("model", "epoch", "task", "model_name", "classes", "num_keypoi
 
 def for_inference(state: Dict[str, Any]) -> Dict[str, Any]:
     return {key: state[key] for key in INFERENCE_KEYS if key in state}
+
+
+def for_snapshot(state: Dict[str, Any], save_optimizer_state: bool) -> Dict[str, Any]:
+    """What best.pt and epoch_NNN.pt keep of the training state: the weights for using the model
+    (model.weights=PATH, scorer.checkpoint=PATH), or with `save_optimizer_state` all of it, so that
+    training can continue from that epoch (copied to last.pt)."""
+    return state if save_optimizer_state else for_inference(state)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -151,6 +160,10 @@ def load(path: Path) -> Dict[str, Any]:
                         f"{str(error).splitlines()[0][:160]}): delete it to train from the start, or put "
                         f"back a good copy") from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing and isinstance(state, dict) and set(state) <= set(INFERENCE_KEYS) and "model" in state:
+        raise UserError(f"{path} holds the weights without the optimizer state (best.pt and epoch_NNN.pt do, "
+                        f"unless trainer.save_optimizer_state=true), so training cannot continue from it: "
+                        f"start from its weights with model.weights={path} in a new run_directory")
     if missing:
         raise UserError(f"{path} is not a thresher training checkpoint (missing {', '.join(missing)}): "
                         f"delete it to train from the start")
