@@ -9,7 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
+from app.artifacts import SSL_CHECKPOINT
 from app.errors import UserError
+from app.sampling.schema import SSL_WEIGHTS
 from app.train.tasks.base import WEIGHTS_NAME_PATTERN
 
 log = logging.getLogger("thresher")
@@ -38,6 +40,9 @@ def load_weights(weights: Optional[str], key: str = "model.weights") -> Optional
     """
     if not weights:
         return None
+    if weights == SSL_WEIGHTS:
+        raise UserError(f"{key}=ssl names a run's SSL backbone ({SSL_CHECKPOINT}), which only the embed "
+                        f"and train stages read: use a path to a state dict here")
     if WEIGHTS_NAME_PATTERN.match(weights) and not Path(weights).is_file():
         try:
             enum_value = torchvision.models.get_weight(weights)
@@ -61,6 +66,33 @@ def load_weights(weights: Optional[str], key: str = "model.weights") -> Optional
     if not isinstance(state, dict):
         raise UserError(f"{key}={str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def weights_in_run(weights: Optional[str], run_dir: Path) -> Optional[str]:
+    """model.weights as a loadable value: `ssl` becomes the path of the run's SSL backbone, which
+    must exist (enable_training=true wrote it in the embed stage, or an earlier run did)."""
+    if weights != SSL_WEIGHTS:
+        return weights
+    path = Path(run_dir) / SSL_CHECKPOINT
+    if not path.is_file():
+        raise UserError(f"model.weights=ssl: {path} does not exist; set enable_training=true so the embed "
+                        f"stage trains it, or run_directory= a run that did")
+    return str(path)
+
+
+def with_weights_in_run(cfg, run_dir: Path, announce: bool = True):
+    """The config the train stage builds its model from: with model.weights=ssl, a copy whose
+    weights name the run's SSL backbone file (said in the log); otherwise `cfg` itself."""
+    if cfg.model.weights != SSL_WEIGHTS:
+        return cfg
+    from omegaconf import OmegaConf
+
+    path = weights_in_run(cfg.model.weights, run_dir)
+    if announce:
+        log.info("train: starting from the SSL backbone %s", SSL_CHECKPOINT)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    resolved.model.weights = path
+    return resolved
 
 
 def _head_name(model: nn.Module) -> str:
