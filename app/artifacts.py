@@ -40,6 +40,7 @@ CONTAINER_LOG = "container.log"
 # ---------------------------------------------------------------------------------------------
 # scan
 INPUT_FILES = "data/input_files.csv"  # filenames,labels: the images to use
+HOLDOUT_FILES = "data/holdout_files.csv"  # filenames,labels: data.holdout_fraction's, never selected from
 DATASET = "data/dataset.json"  # where they are and the class names (Dataset)
 VIDEOS = "data/videos.json"  # per input video: frame count, fps, ... (only with video input)
 CORRUPT_FILES = "filenames/corrupt_filenames.txt"  # name<TAB>reason; the embed stage appends to it
@@ -52,6 +53,8 @@ EMBEDDING_ROWS = "data/embedding_rows.csv"  # filenames,labels of the matrix's r
 EMBEDDINGS = "data/embeddings.csv"  # the same in lightly's format (app.sampling.embeddings_io)
 EMBEDDING_MODEL = "data/embedding_model.json"  # which backbone made them (EmbeddingModel)
 SSL_CHECKPOINT = "checkpoints/ssl_backbone.pt"  # enable_training=true: the trained backbone
+# score
+SCORES = "data/scores.csv"  # filenames,score,predicted_label: the score stage's (app.scoring.scores_io)
 # select
 SAMPLED = "filenames/sampled_filenames.txt"  # the selection, in input order
 REMOVED = "filenames/removed_filenames.txt"  # the rest of the candidates, in input order
@@ -75,6 +78,7 @@ LATENCY_PNG = "plots/profile_latency.png"
 BATCH_LATENCY_PNG = "plots/profile_latency_vs_batch_size.png"
 PROFILE_PLOTS = (THROUGHPUT_PNG, CPU_TIME_PNG, LATENCY_PNG, BATCH_LATENCY_PNG)
 TRAINING_CURVE_PNG = "plots/training_curve.png"  # the train stage's section of the report
+SCORES_HISTOGRAM_PNG = "plots/scores_histogram.png"  # the score stage's section of the report
 # profile
 MEASUREMENTS = "profile/measurements.json"  # rewritten after every setting of the sweep
 TRACES = "profile/traces"  # profile.trace=true: a Chrome trace per setting
@@ -122,16 +126,25 @@ class StageArtifacts:
 # embeddings; what it writes is then needed by no one (the select stage reads INPUT_FILES instead).
 STAGE_ARTIFACTS: Dict[str, StageArtifacts] = {
     "scan": StageArtifacts(
-        writes=(INPUT_FILES, DATASET, CORRUPT_FILES, DUPLICATE_FILES, MISSING_FILES, UNUSED_FILES, VIDEOS)),
+        writes=(INPUT_FILES, DATASET, CORRUPT_FILES, DUPLICATE_FILES, MISSING_FILES, UNUSED_FILES, VIDEOS,
+                HOLDOUT_FILES)),
     "embed": StageArtifacts(
         needs=(INPUT_FILES, DATASET),
         reads=(CORRUPT_FILES,),
         writes=(EMBEDDING_MATRIX, EMBEDDING_ROWS, EMBEDDINGS, EMBEDDING_MODEL, SSL_CHECKPOINT, CORRUPT_FILES)),
+    "score": StageArtifacts(
+        needs=(INPUT_FILES, DATASET),
+        # CORRUPT_FILES: images set aside are not scored; an image that fails to load is added.
+        # REPORT_JSON: the sections other stages wrote, which the scores section joins.
+        reads=(CORRUPT_FILES, REPORT_JSON),
+        writes=(SCORES, CORRUPT_FILES, REPORT_JSON, REPORT_HTML, SCORES_HISTOGRAM_PNG)),
     "select": StageArtifacts(
         needs=(EMBEDDING_MATRIX, EMBEDDING_ROWS),
         # INPUT_FILES: for a sampler without embeddings; DATASET: dump_dataset and the report's
-        # thumbnails; REPORT_JSON: a profile section of an earlier run is kept.
-        reads=(INPUT_FILES, DATASET, VIDEOS, CORRUPT_FILES, DUPLICATE_FILES, EMBEDDING_MODEL, REPORT_JSON),
+        # thumbnails; REPORT_JSON: a profile section of an earlier run is kept, and the scores'
+        # section; SCORES: for a sampler that selects by scores.
+        reads=(INPUT_FILES, DATASET, VIDEOS, CORRUPT_FILES, DUPLICATE_FILES, EMBEDDING_MODEL, SCORES,
+               HOLDOUT_FILES, REPORT_JSON),
         writes=(SAMPLED, REMOVED, SELECTION, SELECTED_EMBEDDINGS, NEAR_DUPLICATES, SAMPLED_IMAGES,
                 REPORT_JSON, REPORT_HTML, *SELECTION_PLOTS)),
     "profile": StageArtifacts(
@@ -141,7 +154,8 @@ STAGE_ARTIFACTS: Dict[str, StageArtifacts] = {
     "train": StageArtifacts(
         needs=(INPUT_FILES, DATASET),
         # REPORT_JSON: the selection's or the profile's section, which the training section joins.
-        reads=(SAMPLED, LAST, REPORT_JSON),
+        # HOLDOUT_FILES: data.holdout_fraction's images, the validation set.
+        reads=(SAMPLED, HOLDOUT_FILES, LAST, REPORT_JSON),
         writes=(LAST, BEST, EPOCH_CHECKPOINTS, METRICS_JSON, METRICS_CSV, TENSORBOARD, WANDB, REPORT_JSON,
                 REPORT_HTML, TRAINING_CURVE_PNG),
         resume_state=(LAST, BEST, EPOCH_CHECKPOINTS, METRICS_CSV, METRICS_JSON, TENSORBOARD)),
@@ -207,9 +221,13 @@ def write_input_files(run_dir: Path, files: Sequence[str], labels: Sequence[int]
 
 def read_input_files(run_dir: Path) -> Tuple[List[str], List[int]]:
     """(file names, labels) as the scan wrote them."""
+    return _read_labelled_files(Path(run_dir) / INPUT_FILES)
+
+
+def _read_labelled_files(path: Path) -> Tuple[List[str], List[int]]:
     files: List[str] = []
     labels: List[int] = []
-    with open(Path(run_dir) / INPUT_FILES, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = next(reader)
         name_at, label_at = header.index("filenames"), header.index("labels")
@@ -217,6 +235,17 @@ def read_input_files(run_dir: Path) -> Tuple[List[str], List[int]]:
             files.append(row[name_at])
             labels.append(int(row[label_at]))
     return files, labels
+
+
+def write_holdout_files(run_dir: Path, files: Sequence[str], labels: Sequence[int]) -> None:
+    """The images held out for evaluation (data.holdout_fraction) and their labels, as input_files."""
+    atomic.write_csv(Path(run_dir) / HOLDOUT_FILES, ["filenames", "labels"], zip(files, labels))
+
+
+def read_holdout_files(run_dir: Path) -> Optional[Tuple[List[str], List[int]]]:
+    """(file names, labels) held out for evaluation; None when the scan held out none."""
+    path = Path(run_dir) / HOLDOUT_FILES
+    return _read_labelled_files(path) if path.is_file() else None
 
 
 def _lines(path: Path) -> List[str]:
@@ -253,6 +282,20 @@ def write_duplicate_files(run_dir: Path, found: Iterable[Tuple[str, str]]) -> No
 
 def read_duplicate_files(run_dir: Path) -> List[Tuple[str, str]]:
     return _pairs(Path(run_dir) / DUPLICATE_FILES)
+
+
+def count_listed(run_dir: Path, name: str) -> int:
+    """How many entries a one-per-line list (CORRUPT_FILES, DUPLICATE_FILES, ...) holds, counted in
+    1 MiB reads: no string per file; 0 when it is not there."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return 0
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
 
 
 def write_missing_files(run_dir: Path, missing: Iterable[Tuple[str, str]]) -> None:

@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from app.artifacts import HYDRA_CONFIGS, METRICS_JSON, REPORT_HTML, read_corrupt_files, read_duplicate_files
+from app.artifacts import (CORRUPT_FILES, DUPLICATE_FILES, HYDRA_CONFIGS, METRICS_JSON, REPORT_HTML, SCORES,
+                           count_listed)
 from app.hostpaths import on_host
 from app.secrets import REDACTED
 
@@ -22,12 +23,16 @@ NEXT_COMMAND_KEYS = ("run_directory", "resume", "overwrite", "trainer.epochs", "
 def closing_lines(summary: Dict[str, Any], run_dir: Path, cfg: DictConfig, duration_s: float) -> List[str]:
     stages = summary.get("stages", {})
     lines = [f"thresher: finished in {duration_s:.1f} s"]
-    scan, select, train, profile = (stages.get(name) or {} for name in ("scan", "select", "train", "profile"))
+    scan, score, select, train, profile = (stages.get(name) or {} for name in ("scan", "score", "select", "train",
+                                                                                "profile"))
     if scan.get("status") == "finished":
         # the file lists, not the scan's counts: the embed stage adds the corrupt files it finds
-        corrupt, duplicates = len(read_corrupt_files(run_dir)), len(read_duplicate_files(run_dir))
+        corrupt, duplicates = count_listed(run_dir, CORRUPT_FILES), count_listed(run_dir, DUPLICATE_FILES)
         lines.append(f"  images    {scan.get('n_files', 0):,} seen: {corrupt:,} corrupt, {duplicates:,} exact "
                      f"duplicates (filenames/)")
+    if score.get("status") == "finished":
+        lines.append(f"  scored    {score['n_scored']:,} images by scorer={score['method']} of {score['checkpoint']} "
+                     f"(mean {_fmt(score['score_mean'])}, max {_fmt(score['score_max'])}; {SCORES})")
     if select.get("status") == "finished":
         lines.append(f"  selected  {select['n_selected']:,} of {select['n_candidates']:,} by "
                      f"sampler={select['method']} ({stopping(cfg, select.get('stopped_by'))})")
@@ -57,6 +62,8 @@ def stopping(cfg: DictConfig, stopped_by: Optional[str]) -> str:
 def train_line(train: Dict[str, Any], run_dir: Path) -> str:
     metric, value, epochs = train.get("key_metric"), train.get("key_metric_value"), train.get("epochs")
     shown = f"{train.get('model')}: {metric} {_fmt(value)} after {epochs} epochs"
+    if metric is None:  # no validation set
+        shown = f"{train.get('model')}: {epochs} epochs, no validation set (no key metric, no best.pt)"
     best = _best(run_dir)
     if best and best.get("epoch") is not None:
         if best["epoch"] != epochs:
@@ -78,7 +85,7 @@ def next_command(cfg: DictConfig, run_dir: Path, stages: Dict[str, Any]) -> Opti
     if (stages.get("train") or {}).get("status") == "finished":
         return "train longer on this selection: " + _command([*again, f"trainer.epochs={2 * cfg.trainer.epochs}"])
     if (stages.get("select") or {}).get("status") == "finished":
-        wanted = [stage for stage in ("scan", "embed", "select") if stage in cfg.stages] + ["train"]
+        wanted = [stage for stage in ("scan", "embed", "score", "select") if stage in cfg.stages] + ["train"]
         return "train on this selection: " + _command([*again, f"stages=[{','.join(wanted)}]"])
     return None
 

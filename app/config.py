@@ -2,11 +2,11 @@
 
 Each package keeps its own schemas and their checks beside it: app/data/schema.py (data,
 augment), app/sampling/schema.py (sampler, ssl, datapool, report, the dump), app/train/schema.py
-(trainer, hardware, logger), app/profile/schema.py (profile). Here: ThresherConfig, which
-composes them with the run's top-level keys and the model, their registration with Hydra, the
-run-directory resolvers, and `validate`, which calls each package's checks in turn. Everything
-here is importable without torch, so composing and checking a config stays fast and a user error
-is reported before any heavy work starts.
+(trainer, hardware, logger), app/profile/schema.py (profile), app/scoring/schema.py (scorer).
+Here: ThresherConfig, which composes them with the run's top-level keys and the model, their
+registration with Hydra, the run-directory resolvers, and `validate`, which calls each package's
+checks in turn. Everything here is importable without torch, so composing and checking a config
+stays fast and a user error is reported before any heavy work starts.
 """
 from __future__ import annotations
 
@@ -25,21 +25,24 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from app.config_checks import did_you_mean, refuse
 from app.data.locations import is_url, staging_dir
 from app.data.schema import (CocoDataConfig, FolderDataConfig, OxfordPetDataConfig, ShapesDataConfig,
-                             check_protocol_installed, validate_data)
+                             check_protocol_installed, has_validation_data, validate_data,
+                             validate_validation_split)
 from app.errors import UserError
 from app.executors.schema import ExecutorConfig, RayConfig, validate_executor
 from app.profile.schema import ProfileConfig, validate_profile
-from app.sampling.samplers import get_sampler, registry as sampler_registry
-from app.sampling.schema import (DatapoolConfig, ReportConfig, SamplerConfig, SSLConfig, uses_no_embeddings,
+from app.sampling.samplers import can_use_embeddings, get_sampler, needs_embeddings, registry as sampler_registry
+from app.sampling.schema import (SSL_WEIGHTS, DatapoolConfig, ReportConfig, SamplerConfig, SSLConfig,
+                                 uses_no_embeddings,
                                  validate_datapool, validate_outputs, validate_report, validate_sampler,
-                                 validate_ssl)
+                                 validate_sampler_needs, validate_ssl)
+from app.scoring.schema import ScorerConfig, validate_scorer
 from app.train.schema import (HardwareConfig, LoggerConfig, TrainerConfig, validate_hardware, validate_key_metric,
                               validate_logger, validate_trainer)
 from app.train.tasks import TASKS
 from app.train.tasks.base import WEIGHTS_NAME_PATTERN
 
 # The order stages run in; `profile` measures what `train` would do, so it goes first.
-STAGES = ("scan", "embed", "select", "profile", "train")
+STAGES = ("scan", "embed", "score", "select", "profile", "train")
 # Per model.task, from its spec in app.train.tasks (read without importing torch): the torchvision
 # models it builds; the validation metrics it reports, higher is better, the first the default
 # trainer.key_metric (every task also reports train_loss, lower is better); the data options that
@@ -61,7 +64,9 @@ class ModelConfig:
     name: str = "resnet18"
     # classification, detection or keypoints; the number of classes comes from the data.
     task: str = "classification"
-    # null (random initialisation), a torchvision weights name read from $TORCH_HOME, or a path.
+    # null (random initialisation), a torchvision weights name read from $TORCH_HOME, a path, or
+    # ssl: the self-supervised backbone that enable_training=true trains (checkpoints/ssl_backbone.pt;
+    # same architecture as the embedding model). enable_training alone changes only the embeddings.
     weights: Optional[str] = None
 
 
@@ -106,7 +111,7 @@ class ThresherConfig:
     # Read from a secret: ${secret:THRESHER_TOKEN,null} in conf/config.yaml; never written or printed.
     token: Optional[str] = None
     # The stages to run, in pipeline order; profile is left out unless named.
-    stages: List[str] = field(default_factory=lambda: ["scan", "embed", "select", "train"])
+    stages: List[str] = field(default_factory=lambda: ["scan", "embed", "score", "select", "train"])
     # Check the install, the input and output folders and the device, then exit.
     sanity_check: bool = False
     # The Lightly Worker's selection switches, under their names.
@@ -135,6 +140,8 @@ class ThresherConfig:
     output_image_format: str = "png"
     dump_sampled_embeddings: bool = True
     report: ReportConfig = field(default_factory=ReportConfig)
+    # Active-learning scores from a trained checkpoint (the score stage; scorer=none skips it).
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
 
 
 def register_configs() -> None:
@@ -144,6 +151,7 @@ def register_configs() -> None:
     (`@_here_`: the schema's keys go to the YAML's own package, `data`)."""
     store = ConfigStore.instance()
     store.store(name="thresher_schema", node=ThresherConfig)
+    store.store(name="scorer_schema", node=ScorerConfig)  # one schema for every conf/scorer option
     store.store(name=schema_name("data", "shapes"), node=ShapesDataConfig)
     store.store(name=schema_name("data", "folder"), node=FolderDataConfig)
     store.store(name=schema_name("data", "coco"), node=CocoDataConfig)
@@ -238,6 +246,7 @@ def validate(cfg: DictConfig) -> None:
         raise refuse("stages", stages, "name each stage once")
 
     validate_sampler(cfg.sampler)
+    validate_sampler_needs(cfg)
     threshold = cfg.corruptness_check.corruption_threshold
     if not 0 <= threshold <= 1:
         raise refuse("corruptness_check.corruption_threshold", threshold, "use a score in [0, 1]")
@@ -247,14 +256,18 @@ def validate(cfg: DictConfig) -> None:
     validate_trainer(cfg.trainer, cfg.model.task)
     validate_hardware(cfg.hardware)
     _validate_model(cfg.model, cfg.sampler.embedding_model)
+    if cfg.model.weights == SSL_WEIGHTS:
+        _validate_ssl_weights(cfg)
+    validate_scorer(cfg.scorer, cfg.model.task, _validate_torch_file)
     if cfg.trainer.key_metric is not None:
-        validate_key_metric(cfg.trainer, cfg.model.task)
+        validate_key_metric(cfg.trainer, cfg.model.task, held_out=has_validation_data(cfg.data))
     validate_logger(cfg.logger)
     validate_executor(cfg.executor, cfg.ray)
     if "profile" in stages:
         validate_profile(cfg.profile)
 
     validate_data(cfg.data, needs_input="scan" in stages or "profile" in stages or cfg.sanity_check)
+    validate_validation_split(cfg)
     if trains(cfg):
         _validate_task_data(cfg.model.task, cfg.data.name)
     if cfg.hardware.node_rank > 0 and stages != ["train"]:
@@ -281,12 +294,37 @@ def _validate_model(model: DictConfig, embedding_model: Optional[str]) -> None:
         raise UserError(f"model.name={model.name!r} is not allowed: choose a torchvision {model.task} model: "
                         f"{', '.join(allowed)}{hint or did_you_mean(model.name, allowed)}")
     weights = model.weights
-    if weights and (Path(weights).exists() or not WEIGHTS_NAME_PATTERN.match(weights)):
+    if weights == SSL_WEIGHTS:
+        pass  # the run's own SSL backbone: _validate_ssl_weights checks it
+    elif weights and (Path(weights).exists() or not WEIGHTS_NAME_PATTERN.match(weights)):
         _validate_torch_file("model.weights", weights, "use null, an existing state-dict file, or a torchvision "
                              "weights name such as ResNet18_Weights.IMAGENET1K_V1")
     if embedding_model is not None and embedding_model not in CLASSIFIERS:
         raise refuse("sampler.embedding_model", embedding_model,
                      f"choose a torchvision classifier: {', '.join(CLASSIFIERS)}, or null", CLASSIFIERS)
+
+
+def _validate_ssl_weights(cfg: DictConfig) -> None:
+    """model.weights=ssl starts from this run's SSL backbone (checkpoints/ssl_backbone.pt): it
+    must be the same architecture, and enable_training makes it, or an earlier run left it."""
+    from app.artifacts import SSL_CHECKPOINT
+
+    if cfg.model.name not in CLASSIFIERS:
+        raise refuse("model.weights", SSL_WEIGHTS, f"the SSL backbone is a classifier's; model.name="
+                     f"{cfg.model.name} needs null, a state-dict file or a torchvision weights name")
+    ssl_model = embedding_model_name(cfg)
+    if ssl_model != cfg.model.name:
+        raise refuse("model.weights", SSL_WEIGHTS, f"the SSL backbone is sampler.embedding_model={ssl_model}, "
+                     f"not model.name={cfg.model.name}: set sampler.embedding_model=null or the same model")
+    if cfg.enable_training:
+        return
+    found = None
+    if cfg.run_directory and not is_url(cfg.work_dir):
+        found = Path(run_directory_path(cfg.work_dir, cfg.note, cfg.run_directory)) / SSL_CHECKPOINT
+    if found is None or not found.is_file():
+        where = f"{found} does not exist" if found is not None else "a new run directory has none"
+        raise refuse("model.weights", SSL_WEIGHTS, f"it needs the run directory's {SSL_CHECKPOINT} ({where}): "
+                     f"set enable_training=true to train it, or run_directory= a run that did")
 
 
 def _validate_task_data(task: str, data_name: str) -> None:
@@ -355,13 +393,13 @@ def _validate_bring_your_own(cfg: DictConfig) -> None:
         _validate_embeddings_file(cfg.embeddings)
     if cfg.checkpoint:
         _validate_torch_file("checkpoint", cfg.checkpoint)
-    if cfg.embeddings and not get_sampler(cfg.sampler.method).needs_embeddings:
+    if cfg.embeddings and not can_use_embeddings(cfg.sampler.method):
         raise refuse("embeddings", cfg.embeddings, uses_no_embeddings(cfg.sampler.method))
     if cfg.enable_training:
         if cfg.embeddings:
             raise refuse("enable_training", True, "it trains the backbone that makes the embeddings, so it "
                          "cannot be combined with embeddings=...; drop one of them")
-        if not get_sampler(cfg.sampler.method).needs_embeddings:
+        if not needs_embeddings(cfg):  # sampler=random: unless a datapool or near duplicates use them
             raise refuse("enable_training", True, uses_no_embeddings(cfg.sampler.method))
         validate_ssl(cfg.ssl)
     validate_datapool(cfg.datapool, cfg.work_dir)

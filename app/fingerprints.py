@@ -37,29 +37,37 @@ class StageDependencies:
 STAGE_DEPENDENCIES: Dict[str, StageDependencies] = {
     "scan": StageDependencies(
         keys=("data.name", "data.input_dir", "data.root", "data.relevant_filenames_file", "data.n_images",
-              "data.shapes_image_size", "data.n_corrupt", "data.classes", "enable_corruptness_check",
-              "corruptness_check", "remove_exact_duplicates", "datasource"),
+              "data.shapes_image_size", "data.n_corrupt", "data.classes", "data.holdout_fraction",
+              "enable_corruptness_check", "corruptness_check", "remove_exact_duplicates", "datasource"),
         files=("data.input_dir", "data.root", "data.relevant_filenames_file")),
     "embed": StageDependencies(
         keys=("data.image_size", "model.name", "model.weights", "sampler.embedding_model", "embeddings",
               "checkpoint", "enable_training", "ssl", "datapool.name", "seed"),
         files=("embeddings", "checkpoint", "model.weights"),
         after=("scan",)),
+    "score": StageDependencies(
+        # the checkpoint by its identity (path, size, mtime, content hash): retrained weights score again;
+        # data.image_size and data.augment.resize: the validation transform the images are scored through
+        keys=("scorer", "model.name", "model.task", "data.image_size", "data.augment.resize"),
+        files=("scorer.checkpoint",),
+        excluded=("scorer.batch_size",),
+        after=("scan",)),
     "select": StageDependencies(
         keys=("sampler", "datapool", "dump_dataset", "output_image_size", "output_image_format",
               "dump_sampled_embeddings", "report", "seed"),
         excluded=("sampler.batch_size",),  # the embedding batch: the embed stage's speed
-        after=("scan", "embed")),
+        after=("scan", "embed", "score")),
     "profile": StageDependencies(
         keys=("profile", "model", "trainer", "data.image_size", "data.augment", "hardware", "seed"),
         files=("model.weights",),
-        after=("scan", "select")),
+        after=("scan", "score", "select")),
     "train": StageDependencies(
         # trainer.epochs is left out: resume=true with more epochs trains a finished run on.
-        keys=("model", "trainer", "data.image_size", "data.augment", "data.annotations", "data.classes", "seed"),
-        files=("model.weights", "data.annotations", "trainer.val_filenames_file"),
+        keys=("model", "trainer", "data.image_size", "data.augment", "data.annotations", "data.classes",
+              "data.val_input_dir", "seed"),
+        files=("model.weights", "data.annotations", "trainer.val_filenames_file", "data.val_input_dir"),
         excluded=("trainer.epochs",),
-        after=("scan", "select")),
+        after=("scan", "score", "select")),
 }
 
 

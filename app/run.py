@@ -32,7 +32,7 @@ from app.errors import UserError, print_error, print_user_error
 from app.fingerprints import describe_change, stage_fingerprint
 from app.hostpaths import install_host_paths
 from app.lifecycle import Interrupted, install_signal_handlers, restore_default_signal_handlers, seed_everything
-from app.sampling.samplers import needs_embeddings
+from app.sampling.samplers import embeddings_wanted_by, get_sampler, needs_embeddings
 from app.secrets import REDACTED, install_redaction, read_secret, redact, register_secret
 
 log = logging.getLogger("thresher")
@@ -48,6 +48,7 @@ STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 STAGE_FUNCTIONS = {
     "scan": ("app.data.scan", "scan_stage"),
     "embed": ("app.sampling.embed", "embed_stage"),
+    "score": ("app.scoring.stage", "score_stage"),
     "select": ("app.sampling.select", "select_stage"),
     "profile": ("app.profile.stage", "profile_stage"),
     "train": ("app.train.loop", "train_stage"),
@@ -272,7 +273,7 @@ def check_stage_inputs(cfg: DictConfig, run_dir: Path, stages: List[str], summar
     stage with other settings than this run's: say so now, before any stage runs."""
     for stage in stages:
         for artifact, producer in STAGE_INPUTS.get(stage, []):
-            if producer == "embed" and not needs_embeddings(cfg.sampler.method):
+            if producer == "embed" and not needs_embeddings(cfg):
                 continue  # the embed stage is skipped: what it writes is needed by no one
             if producer in stages:
                 continue
@@ -399,7 +400,8 @@ def execute(cfg: DictConfig, run_dir: Path, hydra_cfg: Any = None, checked: bool
 def key_metric_of(run_dir: Path) -> Optional[float]:
     """The run's key metric, for Hydra's sweepers: the train stage's key_metric_value in
     summary.json (trainer.key_metric, val_top1 by default). None when the run did not finish
-    training or the value is missing."""
+    training, or trained without a validation set (no key metric: a sweeper records the job as
+    returning nothing, the Optuna sweeper as a failed trial, rather than optimise training loss)."""
     train = Summary.load(Path(run_dir) / SUMMARY).data.get("stages", {}).get("train", {})
     value = train.get("key_metric_value")
     return float(value) if train.get("status") == "finished" and value is not None else None
@@ -472,8 +474,11 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, re
     for stage in STAGES:
         if stage not in stages:
             continue
-        if stage == "embed" and not needs_embeddings(cfg.sampler.method):
-            log.info("stage embed: skipped, sampler=%s needs no embeddings", cfg.sampler.method)
+        if stage == "embed" and not log_why_embed_runs(cfg):
+            summary.data["stages"][stage] = {"status": "skipped"}
+            continue
+        if stage == "score" and cfg.scorer.method == "none":
+            log.info("stage score: skipped, scorer=none (no active-learning scores)")
             summary.data["stages"][stage] = {"status": "skipped"}
             continue
         recorded = summary.data["stages"].get(stage, {})
@@ -511,6 +516,19 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, re
         summary.save()
         sync_to_bucket(cfg, run_dir)
         log.info("stage %s: finished in %.1fs %s", stage, duration, _as_dict(result))
+
+
+def log_why_embed_runs(cfg: DictConfig) -> bool:
+    """Whether the embed stage runs; for a sampler that picks without embeddings (random), the
+    log says what needs them, or that nothing does."""
+    reasons = embeddings_wanted_by(cfg)
+    if not reasons:
+        log.info("stage embed: skipped, sampler=%s picks without embeddings and nothing else needs them",
+                 cfg.sampler.method)
+    elif get_sampler(cfg.sampler.method).optional_embeddings:
+        log.info("stage embed: runs although sampler=%s picks without embeddings: %s", cfg.sampler.method,
+                 "; ".join(reasons))
+    return bool(reasons)
 
 
 def discard_resume_state(stage: str, run_dir: Path) -> None:

@@ -105,6 +105,7 @@ def test_the_runner_derives_the_stage_inputs_from_the_declarations():
 
     assert run.STAGE_INPUTS == {
         "embed": [(INPUT_FILES, "scan"), (DATASET, "scan")],
+        "score": [(INPUT_FILES, "scan"), (DATASET, "scan")],
         "select": [(EMBEDDING_MATRIX, "embed"), (EMBEDDING_ROWS, "embed")],
         "profile": [(INPUT_FILES, "scan"), (DATASET, "scan")],
         "train": [(INPUT_FILES, "scan"), (DATASET, "scan")],
@@ -253,3 +254,16 @@ def test_names_made_from_templates():
     assert fnmatch.fnmatchcase(artifacts.epoch_checkpoint(7), artifacts.EPOCH_CHECKPOINTS)
     assert artifacts.summary_file() == "summary.json" and artifacts.summary_file(".node2") == "summary.node2.json"
     assert artifacts.NODE_SUMMARY.fullmatch(artifacts.summary_file(".node2"))
+
+
+def test_count_listed_counts_the_entries_of_a_list_without_reading_it_into_strings(tmp_path):
+    from app.artifacts import CORRUPT_FILES, DUPLICATE_FILES, count_listed, read_corrupt_files, write_corrupt_files
+
+    assert count_listed(tmp_path, CORRUPT_FILES) == 0  # not there yet
+    found = [(f"a/{i}\u00e9.png", "truncated\nfile") for i in range(5)]
+    write_corrupt_files(tmp_path, found)
+    assert count_listed(tmp_path, CORRUPT_FILES) == len(read_corrupt_files(tmp_path)) == 5
+    (tmp_path / DUPLICATE_FILES).write_bytes(b"x.png\ty.png\nz.png\ty.png")  # no final newline
+    assert count_listed(tmp_path, DUPLICATE_FILES) == 2
+    write_corrupt_files(tmp_path, [])
+    assert count_listed(tmp_path, CORRUPT_FILES) == 0

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from app import cli
 from app.config import validate
+from app.sampling.samplers import get_sampler
 from conftest import ROOT, compose, main_in_process, thresher
 
 
@@ -23,7 +24,8 @@ def test_default_config_composes_every_group():
     assert cfg.data.name == "shapes"
     assert cfg.sampler.method == "coreset"
     assert cfg.hardware.device == "auto"
-    assert list(cfg.stages) == ["scan", "embed", "select", "train"]
+    assert list(cfg.stages) == ["scan", "embed", "score", "select", "train"]
+    assert cfg.scorer.method == "none"
     validate(cfg)
 
 
@@ -34,8 +36,15 @@ def test_every_option_of_every_group_composes_and_validates(group, tmp_path):
     inputs = {"folder": [f"data.input_dir={tmp_path}"],
               "coco": [f"data.input_dir={tmp_path}", f"data.annotations={tmp_path}/annotations.json"],
               "oxford_pet": [f"data.root={tmp_path}"]}
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"\x80\x02")  # the first bytes of a pickle, which is all the check reads
     for option in cli.group_options(group):
         extra = inputs.get(option, []) if group == "data" else []
+        if group == "scorer" and option != "none":  # a scorer needs a checkpoint, a detection one a detector
+            extra = [f"scorer.checkpoint={checkpoint}"] + (["model=fasterrcnn_mobilenet_v3_large_fpn"]
+                                                           if "object" in option else [])
+        if group == "sampler" and get_sampler(option).needs_scores:  # it selects by a scorer's scores
+            extra = ["scorer=least_confidence", f"scorer.checkpoint={checkpoint}"]
         if group == "experiment":  # presets are added to the defaults (+experiment=...), and bring their data
             cfg = compose(f"+{group}={option}", f"data.root={tmp_path}")
         else:
@@ -86,7 +95,8 @@ REFUSALS = [
     (["+trainer.momentum=0.9"], ["trainer.momentum", "no such key"]),
     (["hardware.device=gpu0"], ["hardware.device='gpu0'", "auto, cpu, cuda, cuda:N or mps"]),
     (["hardware.num_workers=-5"], ["hardware.num_workers=-5"]),
-    (["sampler=coreste"], ["sampler=coreste", "coreset, none, random", "did you mean coreset?"]),
+    (["sampler=coreste"], ["sampler=coreste", "coreset, hybrid, none, random, typical, uncertainty",
+                           "did you mean coreset?"]),
     (["sampelr=coreset"], ["sampelr=coreset", "did you mean sampler?"]),
     (["model=resnet19"], ["model=resnet19", "did you mean resnet18?"]),
     (["model.name=resnet19"], ["model.name='resnet19'", "did you mean resnet18"]),

@@ -49,7 +49,7 @@ def test_a_missing_option_in_a_run_lists_only_the_yaml_options(capsys, monkeypat
 
     assert code == 2
     assert err.strip().splitlines() == [
-        "thresher: error: sampler=corest is not an option: choose from coreset, none, random (did you mean coreset?)"]
+        "thresher: error: sampler=corest is not an option: choose from coreset, hybrid, none, random, typical, uncertainty (did you mean coreset?)"]
 
 
 @pytest.mark.parametrize("group", ["data", "sampler"])
@@ -99,4 +99,5 @@ def test_cfg_job_of_a_data_option_shows_its_schema_keys_and_yaml_values(capsys, 
     assert code == 0, err
     data = OmegaConf.create(out).data
     assert data.name == "coco"
-    assert set(data) == {"name", "image_size", "augment", "input_dir", "relevant_filenames_file", "annotations"}
+    assert set(data) == {"name", "image_size", "augment", "input_dir", "relevant_filenames_file", "annotations",
+                         "holdout_fraction", "val_input_dir"}

@@ -27,7 +27,8 @@ def test_full_cpu_run_writes_every_artifact(env, tmp_path):
 
     summary = summary_of(run_dir)
     assert summary["status"] == "finished"
-    assert [s for s in summary["stages"]] == ["scan", "embed", "select", "train"]
+    assert [s for s in summary["stages"]] == ["scan", "embed", "score", "select", "train"]
+    assert summary["stages"].pop("score") == {"status": "skipped"}  # scorer=none
     for stage in summary["stages"].values():
         assert stage["status"] == "finished" and stage["duration_s"] >= 0
     assert summary["counts"]["n_images"] == 45
@@ -240,7 +241,8 @@ def test_a_whole_run_in_process_writes_every_artifact_and_never_the_token(monkey
 
     summary = summary_of(run_dir)
     assert summary["status"] == "finished"
-    assert list(summary["stages"]) == ["scan", "embed", "select", "train"]
+    assert list(summary["stages"]) == ["scan", "embed", "score", "select", "train"]
+    assert summary["stages"].pop("score") == {"status": "skipped"}  # scorer=none
     assert all(stage["status"] == "finished" for stage in summary["stages"].values())
     assert summary["counts"]["n_images"] == 12 and summary["counts"]["n_selected"] == 6
 

@@ -68,7 +68,8 @@ def test_a_changed_input_folder_runs_scan_and_every_later_stage_again(run, tmp_p
 
 def test_an_unchanged_rerun_reuses_every_finished_stage(run, tmp_path):
     folder = image_folder(tmp_path / "images", [f"a/{i}.png" for i in range(4)])
-    args = ["data=folder", f"data.input_dir={folder}", "sampler=random", "stages=[scan,embed,select]"]
+    # coreset: sampler=random would skip the embed stage
+    args = ["data=folder", f"data.input_dir={folder}", "sampler=coreset", "stages=[scan,embed,select]"]
     assert run(*args)[0] == 0
     code, run_dir, log = run(*args, "resume=true", "hardware.num_workers=0")  # speed, not results
     assert code == 0
@@ -150,7 +151,7 @@ def test_a_stage_left_out_of_stages_must_match_the_settings_of_this_run(run, tmp
 
 def test_every_stage_records_its_fingerprint_and_what_it_depended_on(run, tmp_path):
     folder = image_folder(tmp_path / "images", [f"a/{i}.png" for i in range(3)])
-    code, run_dir, _ = run("data=folder", f"data.input_dir={folder}", "sampler=random", "stages=[scan,embed,select]")
+    code, run_dir, _ = run("data=folder", f"data.input_dir={folder}", "sampler=coreset", "stages=[scan,embed,select]")
     assert code == 0
     stages = summary(run_dir)["stages"]
     assert stages["scan"]["depends_on"]["data.input_dir"] == {"path": str(folder)}

@@ -77,15 +77,15 @@ def test_every_registered_sampler_has_its_yaml_and_every_yaml_a_sampler():
 
 
 def test_what_each_sampler_needs_comes_from_the_registry():
-    from app.sampling.samplers import get_sampler, needs_embeddings
+    from app.sampling.samplers import get_sampler
 
-    assert [needs_embeddings(name) for name in ("coreset", "random", "none")] == [True, True, False]
+    assert [get_sampler(name).needs_embeddings for name in ("coreset", "random", "none")] == [True, False, False]
     assert get_sampler("coreset").uses_min_distance and not get_sampler("random").uses_min_distance
 
 
 def test_an_unknown_sampler_method_is_refused_with_a_suggestion():
     assert refusal(["sampler.method=coreste"]) == ("sampler.method='coreste' is not allowed: choose from coreset, "
-                                                    "none, random (did you mean coreset?)")
+                                                    "hybrid, none, random, typical, uncertainty (did you mean coreset?)")
 
 
 def test_the_registry_loads_no_torch():
@@ -126,12 +126,12 @@ def test_a_new_sampler_is_one_module_and_one_yaml(tmp_path, monkeypatch):
         "it needs embeddings; sampler=every_nth has none")
     assert refusal(["sampler=every_nth", "sampler.stopping_condition.min_distance=0.5"]).endswith(
         "it applies to sampler=coreset only, not sampler=every_nth; use -1")
-    assert not samplers.needs_embeddings("every_nth")  # so the runner skips the embed stage
+    assert not samplers.needs_embeddings(cfg)  # so the runner skips the embed stage
 
     from app.sampling.select import choose
 
-    picks, distances, stopped_by = choose(cfg, [f"{i}.png" for i in range(8)], None, None, "cpu")
-    assert (picks, distances, stopped_by) == ([0, 3, 6], None, "n_samples")
+    chosen = choose(cfg, [f"{i}.png" for i in range(8)], None, None, "cpu")
+    assert (chosen.picks, chosen.distances, chosen.stopped_by) == ([0, 3, 6], None, "n_samples")
 
 
 @pytest.mark.parametrize("value, budget, count_of_40", [

@@ -57,6 +57,10 @@ def data_inputs(data: Any) -> List[InputPath]:
             found.append(InputPath("data.relevant_filenames_file", str(data.relevant_filenames_file), FILE,
                                    url_allowed=True, must_be="it must be an existing text file, one image path "
                                    "per line relative to data.input_dir"))
+        if data.get("val_input_dir"):
+            found.append(InputPath("data.val_input_dir", str(data.val_input_dir), FOLDER, url_allowed=True,
+                                   must_be="it must be an existing folder of labelled images, one sub-folder "
+                                   "per class as in data.input_dir"))
         if name == "coco":
             found.append(InputPath("data.annotations", str(data.annotations), FILE,
                                    must_be="it must be an existing COCO JSON file"))

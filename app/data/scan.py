@@ -11,6 +11,9 @@ Writes `data/input_files.csv` (filenames,labels: the images to use), `data/datas
 folder, class names), `filenames/corrupt_filenames.txt` (`filename<TAB>reason`),
 `filenames/duplicate_filenames.txt` (`filename<TAB>the earlier identical file`) and
 `filenames/missing_filenames.txt` (entries of relevant_filenames_file that are not there) and
+`data/holdout_files.csv` (filenames,labels: with data.holdout_fraction > 0, the images held out for
+evaluation, chosen by a hash of each name and left out of input_files.csv, so that no later stage
+selects from them) and
 `filenames/unused_filenames.txt` (`name<TAB>reason`: left out for its name or kind, never opened:
 a name that app/data/names.py refuses, anything but a regular file, an unreadable folder, a second
 way into a folder). These last two write names escaped (names.escape_name). A corrupt file is
@@ -42,7 +45,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from app import artifacts
-from app.artifacts import (CORRUPT_FILES, DATASET, DUPLICATE_FILES, INPUT_FILES, MISSING_FILES,
+from app.artifacts import (CORRUPT_FILES, DATASET, DUPLICATE_FILES, HOLDOUT_FILES, INPUT_FILES, MISSING_FILES,
                            UNUSED_FILES, VIDEOS, Dataset)
 from app.data.locations import is_url, shapes_cache_dir
 from app.data.names import escape_name, name_problem
@@ -77,6 +80,8 @@ class ScanResult:
     n_unused: int = 0
     # datasource.process_all=false on a bucket: objects skipped because an earlier run saw them.
     n_already_seen: Optional[int] = None
+    # data.holdout_fraction: usable images held out for evaluation (not in n_images).
+    n_held_out: int = 0
     artifacts: List[str] = field(default_factory=lambda: [INPUT_FILES, DATASET, CORRUPT_FILES,
                                                           DUPLICATE_FILES, MISSING_FILES, UNUSED_FILES])
 
@@ -359,6 +364,32 @@ def label_array(files: List[str], classes: List[str]) -> np.ndarray:
                        count=len(files))
 
 
+def held_out_share(key: str) -> float:
+    """Where `key` (a file name) falls in [0, 1), by a hash of the name alone: the same on every
+    machine, run, seed, sampler and budget, so a held-out set stays put across the runs it compares."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+def split_held_out(files: List[str], fraction: float, frames: Iterable[str] = ()) -> Tuple[List[str], List[str]]:
+    """(candidates, held out): the files whose held_out_share is below `fraction` are held out. A
+    video's frames go by the video's name, so a video is held out whole (its neighbouring frames
+    would otherwise leak into the candidates). Refuses a split that leaves either side empty."""
+    from app.data.video import parse_frame_name
+
+    frames = set(frames)
+    held = np.fromiter((held_out_share(parse_frame_name(f)[0] if f in frames else f) < fraction for f in files),
+                       dtype=bool, count=len(files))
+    n_held = int(held.sum())
+    if n_held == 0:
+        raise UserError(f"data.holdout_fraction={fraction:g} holds out none of the {len(files)} usable images "
+                        f"(each is held out by a hash of its name): raise it, or use data.val_input_dir")
+    if n_held == len(files):
+        raise UserError(f"data.holdout_fraction={fraction:g} holds out all {len(files)} usable images, leaving "
+                        f"none to select from: lower it, or use data.val_input_dir")
+    return list(itertools.compress(files, ~held)), list(itertools.compress(files, held))
+
+
 def duplicates_of(digests: np.ndarray, has_digest: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(duplicate, the first with its digest): positions, by duplicate. The first of equal digests
     is the earliest position, as a scan in this order would find them."""
@@ -529,8 +560,17 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     keep[duplicate] = False
     left_out_frames = {name for name, _ in corrupt} | {name for name, _ in frame_duplicates}
     good = list(heapq.merge(itertools.compress(images, keep), sorted(f for f in frames if f not in left_out_frames)))
+    n_usable = len(good)
+    holdout_fraction = float(cfg.data.get("holdout_fraction") or 0.0)
+    held_out: List[str] = []
+    if holdout_fraction > 0:
+        good, held_out = split_held_out(good, holdout_fraction, frames)
 
     artifacts.write_input_files(run_dir, good, label_array(good, classes))
+    if held_out:
+        artifacts.write_holdout_files(run_dir, held_out, label_array(held_out, classes))
+    else:  # an earlier scan's in this run directory would be read as this one's
+        (run_dir / HOLDOUT_FILES).unlink(missing_ok=True)
     artifacts.write_dataset(run_dir, Dataset(source.location, classes))
     artifacts.write_corrupt_files(run_dir, corrupt)
     artifacts.write_duplicate_files(run_dir, itertools.chain(
@@ -540,7 +580,9 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
     result = ScanResult(n_files=len(images) + len(frames), n_images=len(good), n_corrupt=len(corrupt),
                         n_duplicates=n_duplicates, n_missing=len(missing), n_classes=len(classes),
                         input_dir=str(source.location), n_videos=len(videos), n_video_frames=len(frames),
-                        n_unused=len(skipped), n_already_seen=already_seen)
+                        n_unused=len(skipped), n_already_seen=already_seen, n_held_out=len(held_out))
+    if held_out:
+        result.artifacts.append(HOLDOUT_FILES)
     if videos:
         artifacts.write_videos(run_dir, video_info)
         result.artifacts.append(VIDEOS)
@@ -548,6 +590,9 @@ def scan_stage(cfg: DictConfig, run_dir: Path, device=None) -> ScanResult:
         save_seen(state_path, source.location, {**seen, **{name: etag for name, etag in etags.items() if etag}})
     log.info("scan: %d images and %d video frames (%d videos) in %s: %d usable, %d corrupt, %d exact "
              "duplicates, %d listed but missing, %d not used (%s); %d classes", len(images), len(frames),
-             len(videos), source, len(good), len(corrupt), n_duplicates, len(missing), len(skipped),
+             len(videos), source, n_usable, len(corrupt), n_duplicates, len(missing), len(skipped),
              UNUSED_FILES, len(classes))
+    if held_out:
+        log.info("scan: %d images held out for evaluation (data.holdout_fraction=%g; %s), %d left to select from",
+                 len(held_out), holdout_fraction, HOLDOUT_FILES, len(good))
     return result

@@ -64,6 +64,10 @@ class DataConfig:
     name: str = MISSING
     image_size: int = 64
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # This share of the usable images, chosen by a hash of each file name (the same images whatever
+    # the seed, sampler or budget), is held out by the scan: never embedded, scored or selected, and
+    # the train stage's validation set (data/holdout_files.csv). 0: none held out.
+    holdout_fraction: float = 0.0
 
 
 @dataclass
@@ -80,6 +84,9 @@ class FolderDataConfig(DataConfig):
     input_dir: str = "/data/input"
     # A file naming the images to use, one path per line relative to input_dir; no folder walk.
     relevant_filenames_file: Optional[str] = None
+    # A separate labelled folder (class sub-folders, the same classes as input_dir) that the train
+    # stage validates on, all of it; never scanned for selection. null: none.
+    val_input_dir: Optional[str] = None
 
 
 @dataclass
@@ -101,6 +108,7 @@ class OxfordPetDataConfig(DataConfig):
 def validate_data(data: DictConfig, needs_input: bool) -> None:
     if data.image_size < 16:
         raise refuse("data.image_size", data.image_size, "use an integer >= 16")
+    _validate_validation_data(data)
     _validate_augment(data.augment)
     if data.name == "shapes":
         if data.n_images < 3:
@@ -122,6 +130,39 @@ def validate_data(data: DictConfig, needs_input: bool) -> None:
             raise refuse("data.classes", data.classes, "use species or breed", ("species", "breed"))
     else:
         raise refuse("data.name", data.name, f"choose from {', '.join(DATA_FORMATS)}", DATA_FORMATS)
+
+
+def _validate_validation_data(data: DictConfig) -> None:
+    """The held-out share and the separate validation folder: one of them, in range, where the
+    data option can label it."""
+    fraction = data.get("holdout_fraction") or 0.0
+    if not 0 <= fraction < 1:
+        raise refuse("data.holdout_fraction", fraction, "use a fraction in [0, 1) (0: nothing held out)")
+    val_input_dir = data.get("val_input_dir")
+    if not val_input_dir:
+        return
+    if data.name != "folder":
+        raise refuse("data.val_input_dir", val_input_dir, f"data={data.name} takes its labels from its "
+                     f"annotations, not from class folders: use data.holdout_fraction instead")
+    if fraction > 0:
+        raise refuse("data.val_input_dir", val_input_dir, f"data.holdout_fraction={fraction:g} already holds "
+                     f"out a validation set: use one of the two (data.holdout_fraction=0 for the folder)")
+
+
+def has_validation_data(data: DictConfig) -> bool:
+    """Whether the train stage validates on images kept apart from the selection: a held-out share
+    of the input (data.holdout_fraction) or a separate folder (data.val_input_dir)."""
+    return bool((data.get("holdout_fraction") or 0) > 0 or data.get("val_input_dir"))
+
+
+def validate_validation_split(cfg: DictConfig) -> None:
+    """trainer.val_filenames_file splits the selection; with a held-out set or folder the whole
+    selection trains, so the two cannot be combined."""
+    if has_validation_data(cfg.data) and cfg.trainer.get("val_filenames_file"):
+        which = ("data.val_input_dir" if cfg.data.get("val_input_dir")
+                 else f"data.holdout_fraction={cfg.data.holdout_fraction:g}")
+        raise refuse("trainer.val_filenames_file", cfg.trainer.val_filenames_file,
+                     f"{which} gives the validation set and the whole selection trains: drop one of them")
 
 
 def _validate_augment(augment: DictConfig) -> None:

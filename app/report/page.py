@@ -10,7 +10,7 @@ import base64
 import json
 from html import escape
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from app import atomic
 from app.artifacts import REPORT_HTML, REPORT_JSON  # one report per run: select and profile each add a section
@@ -91,8 +91,12 @@ def render_html(run_dir: Path, report: dict) -> str:
              + (f" · embeddings of dimension {report['embedding_dim']}" if report.get("embedding_dim") else "")
              + "</p>"]
     parts += at_a_glance(report)
+    if report.get("scores"):
+        parts += scores_sections(run_dir, report["scores"])
     if "counts" in report:
         parts += selection_sections(run_dir, report)
+    if report.get("class_counts"):
+        parts += class_count_sections(report["class_counts"])
     if report.get("training"):
         parts += training_sections(run_dir, report["training"])
     if report.get("profile"):
@@ -112,11 +116,15 @@ def at_a_glance(report: dict) -> List[str]:
     if counts:
         lines.append(f"Selected <b>{counts['selected']:,}</b> of {counts['candidates']:,} images "
                      f"({counts['corrupt']:,} corrupt and {counts['duplicates']:,} exact duplicates set aside "
-                     f"before).")
+                     f"before" + (f"; {counts['held_out']:,} more held out for evaluation, never selected from"
+                                  if counts.get("held_out") else "") + ").")
     training = report.get("training")
     if training:
         best, final, metric = training.get("best") or {}, training["final"], training["key_metric"]
-        shown = f"<b>{escape(metric)} {_number(final.get(metric))}</b> after {final['epoch']} epochs"
+        if metric is None:  # no validation set: no key metric, no best.pt
+            shown = f"train_loss {_number(final.get('train_loss'))} after {final['epoch']} epochs, no key metric"
+        else:
+            shown = f"<b>{escape(metric)} {_number(final.get(metric))}</b> after {final['epoch']} epochs"
         if best and best.get("epoch") != final["epoch"]:
             shown += f" (best {_number(best['value'])} at epoch {best['epoch']}: checkpoints/best.pt)"
         lines.append(f"Trained <code>{escape(training['model'])}</code> on {training['n_train']:,} images, "
@@ -129,16 +137,35 @@ def at_a_glance(report: dict) -> List[str]:
 def training_sections(run_dir: Path, training: dict) -> List[str]:
     """The curve, and the key metric per epoch."""
     metric = training["key_metric"]
+    picks = (f"<code>{escape(metric)}</code> picks checkpoints/best.pt" if metric is not None else
+             "no validation set, so no key metric and no checkpoints/best.pt (set data.holdout_fraction)")
     parts = ["<h2>Training</h2>",
              f"<p><code>{escape(training['model'])}</code> ({escape(training['task'])}) on {training['n_train']:,} "
-             f"selected images, validated on {training['n_val']:,}; <code>{escape(metric)}</code> picks "
-             f"checkpoints/best.pt.</p>"]
+             f"selected images, validated on {training['n_val']:,}; {picks}.</p>"]
     captions: Dict[str, str] = training.get("plot_captions", {})
     parts += [_figure(run_dir, plot, captions.get(plot, plot)) for plot in training.get("plots", [])
               if (run_dir / plot).is_file()]
-    columns = ["epoch", "train_loss"] + ([metric] if metric != "train_loss" else []) + ["lr", "images_per_s"]
+    shown = [metric] if metric not in ("train_loss", None) else []
+    columns = ["epoch", "train_loss", *shown, "lr", "images_per_s"]
     rows = [[_number(record.get(column)) for column in columns] for record in training["epochs"]]
     parts.append(_table(columns, rows))
+    return parts
+
+
+def scores_sections(run_dir: Path, scores: dict) -> List[str]:
+    """The score stage's section (app.report.scores): the method, the spread, the highest scored."""
+    parts = ["<h2>Scores</h2>",
+             f"<p><code>{escape(scores['method'])}</code> ({escape(scores.get('meaning', ''))}) of "
+             f"<code>{escape(scores['checkpoint'])}</code> on {scores['n_scored']:,} images: "
+             f"<a href=\"{escape(scores['file'])}\">{escape(scores['file'])}</a>.</p>",
+             _table(list(scores["stats"]), [[_number(value) for value in scores["stats"].values()]])]
+    captions: Dict[str, str] = scores.get("plot_captions", {})
+    parts += [_figure(run_dir, plot, captions.get(plot, plot)) for plot in scores.get("plots", [])
+              if (run_dir / plot).is_file()]
+    if scores.get("top"):
+        rows = [[escape(row["filename"]), _number(row["score"]), escape(row.get("predicted_class") or "–")]
+                for row in scores["top"]]
+        parts += [f"<h3>The {len(rows)} highest</h3>", _table(["image", "score", "predicted class"], rows)]
     return parts
 
 
@@ -181,6 +208,52 @@ def selection_sections(run_dir: Path, report: dict) -> List[str]:
         parts.append(_table(["retained", "removed", "distance"], rows))
 
     return parts
+
+
+def class_count_sections(section: Dict[str, Any]) -> List[str]:
+    """report.json's class_counts (app.report.class_counts): a table per labelling, the classes the
+    selection under-samples flagged; the held-out and validation sets per class."""
+    parts = ["<h2>Classes</h2>"]
+    titles = {"known_labels": "By known label (class folders)",
+              "predicted_labels": "By predicted label (the scorer's model)"}
+    for key, title in titles.items():
+        counts = section.get(key)
+        if not counts:
+            continue
+        flagged = [row["class"] for row in counts["per_class"] if row["under_sampled"]]
+        parts.append(f"<h3>{escape(title)}</h3>")
+        if flagged:
+            parts.append(f"<p class=note>Under-sampled: {escape(', '.join(flagged))} (share of the selection under "
+                         f"{section.get('under_sampled_ratio', 0.5):g} of the share of the "
+                         f"candidates). sampler.balance selects per class.</p>")
+        rows = [[("⚠ " if row["under_sampled"] else "") + escape(row["class"]), _number(row["candidates"]),
+                 _number(row["selected"]), _percent(row["selected_fraction"]), _percent(row["share_of_candidates"]),
+                 _percent(row["share_of_selection"])] for row in counts["per_class"]]
+        without = counts["without_label"]
+        if without["candidates"]:
+            rows.append(["(no label)", _number(without["candidates"]), _number(without["selected"]), "", "", ""])
+        parts.append(_table(["class", "candidates", "selected", "share selected", "share of candidates",
+                             "share of selection"], rows))
+    for key, title in (("held_out", "Held out for evaluation"), ("validation", "Validation set")):
+        counts = section.get(key)
+        if not counts or (key == "validation" and _same_images(counts, section.get("held_out"))):
+            continue
+        parts.append(f"<h3>{escape(title)}</h3><p>{escape(counts['source'])}: {counts['n_images']:,} images.</p>")
+        rows = [[escape(name), _number(n)] for name, n in counts["per_class"].items()]
+        if counts["without_label"]:
+            rows.append(["(no label)", _number(counts["without_label"])])
+        parts.append(_table(["class", "images"], rows))
+    return parts if len(parts) > 1 else []
+
+
+def _same_images(validation: Dict[str, Any], held_out: Optional[Dict[str, Any]]) -> bool:
+    """The validation set is the held-out one (data.holdout_fraction): one table says it."""
+    return bool(held_out) and held_out["per_class"] == validation["per_class"] and \
+        held_out["n_images"] == validation["n_images"]
+
+
+def _percent(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 PROFILE_MODES = {"train": "training steps", "infer": "inference (forward passes, results on the host)",

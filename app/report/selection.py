@@ -219,11 +219,20 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
 
     report["counts"] = {"candidates": n_candidates, "selected": len(sampled), "removed": len(removed),
                         "corrupt": len(corrupt), "duplicates": len(duplicates)}
+    from app.report.class_counts import class_counts
+
+    per_class = class_counts(run_dir, sampled, removed)
+    if per_class is not None:
+        report["class_counts"] = per_class
+        if per_class.get("held_out"):
+            report["counts"]["held_out"] = per_class["held_out"]["n_images"]
 
     report.update(plot_captions=captions, notes=notes)
     earlier = read_report(run_dir)
     if earlier.get("profile"):  # the profile stage's section of an earlier run in this directory
         report["profile"] = earlier["profile"]
+    if earlier.get("scores"):  # the score stage's section, written before the selection
+        report["scores"] = earlier["scores"]
     write_report_files(run_dir, report)
     log.info("report: %s and %s with %d plots", REPORT_HTML, REPORT_JSON, len(report.get("plots", [])))
     return ReportResult(n_candidates=n_candidates, n_selected=len(sampled), n_removed=len(removed),

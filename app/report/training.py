@@ -19,14 +19,16 @@ def write_training_report(run_dir: Path, metrics: Dict) -> List[str]:
     written."""
     key_metric, best = metrics["key_metric"], metrics.get("best") or {}
     epochs = metrics["epochs"]
-    plots.plot_training_curve(epochs, key_metric, best.get("epoch"), run_dir / TRAINING_CURVE_PNG)
+    # key_metric None: no validation set, so only the training loss is drawn and there is no best.pt
+    plots.plot_training_curve(epochs, key_metric or "train_loss", best.get("epoch"), run_dir / TRAINING_CURVE_PNG)
     caption = (f"{key_metric} (right axis) and the training loss (left) after each epoch; the ring marks the "
-               f"best epoch, whose weights are checkpoints/best.pt.")
+               f"best epoch, whose weights are checkpoints/best.pt." if key_metric else
+               "The training loss after each epoch (no validation set: no key metric, no best.pt).")
+    kept = (*EPOCH_KEYS, *([key_metric] if key_metric else []))
     section = {
         "task": metrics["task"], "model": metrics["model"], "n_train": metrics["n_train"], "n_val": metrics["n_val"],
-        "key_metric": key_metric, "best": best or None, "final": {k: metrics["final"].get(k) for k in
-                                                               (*EPOCH_KEYS, key_metric)},
-        "epochs": [{k: record.get(k) for k in (*EPOCH_KEYS, key_metric)} for record in epochs],
+        "key_metric": key_metric, "best": best or None, "final": {k: metrics["final"].get(k) for k in kept},
+        "epochs": [{k: record.get(k) for k in kept} for record in epochs],
         "plots": [TRAINING_CURVE_PNG], "plot_captions": {TRAINING_CURVE_PNG: caption}}
     report = read_report(run_dir)
     report["training"] = section

@@ -26,10 +26,11 @@ from app.data.images import ImagesToEmbed, collate_pixels, make_loader, normaliz
 from app.device import loader_workers
 from app.errors import UserError
 from app.executors import executor_for
-from app.models import build_backbone
+from app.models import build_backbone, weights_in_run
 from app.progress import Progress
 from app.sampling.embedding_matrix import EmbeddingsWriter, compact_rows, write_embeddings
 from app.sampling.embeddings_io import read_embeddings_csv
+from app.sampling.schema import SSL_WEIGHTS
 
 log = logging.getLogger("thresher")
 
@@ -45,6 +46,8 @@ class EmbedResult:
     compute_efficiency: float = 0.0
     ssl_epochs: int = 0
     ssl_loss: List[float] = field(default_factory=list)
+    # log(2*batch-1): SimCLR's loss when the backbone tells no two images apart.
+    ssl_no_learning_loss: float = 0.0
     artifacts: List[str] = field(
         default_factory=lambda: [EMBEDDING_MATRIX, EMBEDDING_ROWS, EMBEDDINGS, EMBEDDING_MODEL])
 
@@ -59,6 +62,10 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
     model_name = embedding_model_name(cfg)
     # The training model's weights fit the backbone only when it is that same classifier.
     weights = cfg.checkpoint or (cfg.model.weights if model_name == cfg.model.name else None)
+    if weights == SSL_WEIGHTS:
+        # model.weights=ssl: enable_training trains the SSL backbone from scratch here; without it,
+        # the backbone an earlier run trained in this run directory makes the embeddings.
+        weights = None if cfg.enable_training else weights_in_run(weights, run_dir)
     model, dim = build_backbone(model_name, weights, "checkpoint" if cfg.checkpoint else "model.weights")
     ssl_details = {}
     if cfg.enable_training:

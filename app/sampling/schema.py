@@ -12,9 +12,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.config_checks import is_int, one_of, refuse
 from app.data.locations import is_url
-from app.sampling.samplers import registry as sampler_registry
+from app.errors import UserError
+from app.sampling.samplers import can_use_embeddings, get_sampler, needs_scores, registry as sampler_registry
 
 OUTPUT_IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp", "bmp", "tiff")
+# sampler.balance: the labels the budget is split by (app.sampling.balance); null: off.
+BALANCES = ("known", "predicted")
+SSL_OPTIMIZERS = ("adamw", "sgd")
+# model.weights=ssl: start from the run's self-supervised backbone (enable_training=true).
+SSL_WEIGHTS = "ssl"
 
 
 @dataclass
@@ -41,6 +47,9 @@ class SamplerConfig:
     # The classifier whose penultimate layer embeds the images; null: model.name when that is a
     # classifier, else resnet18.
     embedding_model: Optional[str] = None
+    # Split the budget equally over the classes: known (the class folders), predicted (the score
+    # stage's predicted_label), or null (off). app/sampling/balance.py.
+    balance: Optional[str] = None
 
 
 @dataclass
@@ -52,13 +61,23 @@ class DatapoolConfig:
 
 @dataclass
 class SSLConfig:
-    """Self-supervised training of the embedding backbone (enable_training=true)."""
+    """Self-supervised training of the embedding backbone (enable_training=true). The defaults
+    bring SimCLR's loss well below its no-learning level log(2*batch_size-1) on a few thousand
+    small (32 px) images in minutes on a CPU; the log says how far it fell."""
     method: str = "simclr"
-    epochs: int = 5
+    epochs: int = 20
     batch_size: int = 64
-    lr: float = 0.06
-    temperature: float = 0.5
+    # adamw, or sgd (momentum 0.9, weight decay 5e-4; it needs a larger lr, e.g. 0.06 to 0.5).
+    optimizer: str = "adamw"
+    # The peak learning rate, reached after warmup_epochs (at most ssl.epochs) of linear warmup, then a
+    # cosine decay to 0.
+    lr: float = 0.001
+    weight_decay: float = 1e-4  # adamw's
+    warmup_epochs: int = 1
+    temperature: float = 0.2
     projection_dim: int = 128
+    # The smallest random crop, as a share of the image's area (lightly's default 0.08 is for 224 px).
+    min_scale: float = 0.2
 
 
 @dataclass
@@ -128,18 +147,43 @@ def validate_sampler(sampler: DictConfig) -> None:
     near = sampler.near_duplicate_distance
     if not (near == -1 or (math.isfinite(near) and near > 0)):
         raise refuse("sampler.near_duplicate_distance", near, "use a distance > 0, or -1 for off")
-    if near > 0 and not spec.needs_embeddings:
+    if near > 0 and not can_use_embeddings(sampler.method):
         raise refuse("sampler.near_duplicate_distance", near,
                      f"it needs embeddings; sampler={sampler.method} has none")
     if sampler.selected_sequence_length < 1:
         raise refuse("sampler.selected_sequence_length", sampler.selected_sequence_length,
                      "use an integer >= 1 (1 selects single images)")
+    if sampler.balance is not None:
+        if sampler.balance not in BALANCES:
+            raise refuse("sampler.balance", sampler.balance, "choose known (the class folders' labels), predicted "
+                         "(the scorer's predicted labels) or null (off)", BALANCES)
+        if Budget.parse(sampler.stopping_condition.n_samples).is_off:
+            raise refuse("sampler.balance", sampler.balance, "it splits the budget over the classes, and "
+                         "sampler.stopping_condition.n_samples is off (-1): set a budget, or sampler.balance=null")
     if spec.check is not None:
         spec.check(sampler)
 
 
+def validate_sampler_needs(cfg: DictConfig) -> None:
+    """What the sampler, and sampler.balance, need from the rest of the run: scores need the
+    score stage: a scorer and its checkpoint."""
+    if not needs_scores(cfg):
+        return
+    asks = (f"sampler={cfg.sampler.method}" if get_sampler(cfg.sampler.method).needs_scores
+            else "sampler.balance=predicted")
+    checkpoint = "scorer.checkpoint=<a trained checkpoint, e.g. an earlier run's checkpoints/best.pt>"
+    if OmegaConf.select(cfg, "scorer.method", default="none") in (None, "none"):
+        raise UserError(f"{asks} needs scores: set a scorer and its checkpoint, e.g. scorer=least_confidence "
+                        f"{checkpoint}")
+    if not OmegaConf.select(cfg, "scorer.checkpoint", default=None):
+        raise UserError(f"{asks} needs scores: set {checkpoint}")
+
+
 def uses_no_embeddings(method: str) -> str:
     users = one_of([name for name, spec in sampler_registry().items() if spec.needs_embeddings])
+    if can_use_embeddings(method):  # it could, but nothing in this run asks for them
+        return (f"sampler={method} picks without embeddings and nothing else uses them here "
+                f"(sampler.near_duplicate_distance, datapool.name would); choose {users}")
     return f"sampler={method} uses no embeddings; choose {users}"
 
 
@@ -170,9 +214,17 @@ def validate_ssl(ssl: DictConfig) -> None:
     for key, minimum in (("epochs", 1), ("batch_size", 2), ("projection_dim", 1)):
         if ssl[key] < minimum:
             raise refuse(f"ssl.{key}", ssl[key], f"use an integer >= {minimum}")
+    if ssl.optimizer not in SSL_OPTIMIZERS:
+        raise refuse("ssl.optimizer", ssl.optimizer, f"choose {' or '.join(SSL_OPTIMIZERS)}", SSL_OPTIMIZERS)
     for key in ("lr", "temperature"):
         if not ssl[key] > 0:
             raise refuse(f"ssl.{key}", ssl[key], "use a value > 0")
+    if ssl.weight_decay < 0:
+        raise refuse("ssl.weight_decay", ssl.weight_decay, "use a value >= 0")
+    if ssl.warmup_epochs < 0:
+        raise refuse("ssl.warmup_epochs", ssl.warmup_epochs, "use an integer >= 0")
+    if not 0 < ssl.min_scale <= 1:
+        raise refuse("ssl.min_scale", ssl.min_scale, "use a share of the image's area in (0, 1]")
 
 
 def validate_datapool(datapool: DictConfig, work_dir: str) -> None:

@@ -9,6 +9,9 @@ Writes `filenames/sampled_filenames.txt` and `filenames/removed_filenames.txt` (
 `data/selection.csv` (pick order, with each pick's distance to the earlier picks for coreset),
 `data/selected_embeddings.csv`; with `dump_dataset`, the selected images under `sampled/`; with a
 `datapool.name`, the selection becomes this run's part of the pool (app.sampling.datapool).
+
+A sampler that needs scores gets the score stage's (data/scores.csv) per candidate, joined by file
+name; `sampler.balance` splits the budget over the classes (app.sampling.balance) around any sampler.
 """
 from __future__ import annotations
 
@@ -17,16 +20,17 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
 
 from app import artifacts
-from app.artifacts import NEAR_DUPLICATES, REMOVED, SAMPLED, SAMPLED_IMAGES, SELECTED_EMBEDDINGS, SELECTION
+from app.artifacts import (NEAR_DUPLICATES, REMOVED, SAMPLED, SAMPLED_IMAGES, SCORES, SELECTED_EMBEDDINGS,
+                           SELECTION)
 from app.errors import UserError
 from app.executors import executor_for
-from app.sampling.samplers import Candidates, Sampler, get_sampler
+from app.sampling.samplers import Candidates, Sampler, get_sampler, needs_embeddings
 from app.sampling.schema import Budget, output_image_size
 
 log = logging.getLogger("thresher")
@@ -41,6 +45,9 @@ class SelectResult:
     n_near_duplicates: Optional[int] = None
     n_datapool: Optional[int] = None
     n_dumped: Optional[int] = None
+    # sampler.balance, and then the images picked per class (by class name; predicted labels by index)
+    balance: Optional[str] = None
+    picks_per_class: Optional[Dict[str, int]] = None
     report_s: Optional[float] = None  # of the stage's time, the report's
     artifacts: List[str] = field(default_factory=lambda: [SAMPLED, REMOVED, SELECTION])
 
@@ -61,12 +68,14 @@ def images_to_pick(budget: Budget, n_candidates: int) -> int:
 def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     method = cfg.sampler.method
     sampler = get_sampler(method)
-    if sampler.needs_embeddings:
+    if needs_embeddings(cfg):
         choice = choose_from_embeddings(cfg, run_dir, device, sampler)
     else:
-        files, _ = artifacts.read_input_files(run_dir)
-        picks, distances, stopped_by = choose(cfg, files, None, None, device, sampler, run_dir=run_dir)
-        choice = Choice(files, files, None, picks, distances, stopped_by)
+        files, labels = artifacts.read_input_files(run_dir)
+        chosen = choose(cfg, files, None, None, device, sampler, run_dir=run_dir,
+                        known_labels=np.asarray(labels, dtype=np.int64))
+        choice = Choice(files, files, None, chosen.picks, chosen.distances, chosen.stopped_by,
+                        picks_per_class=chosen.picks_per_class)
     files, picks = choice.files, choice.picks
     order = sorted(set(picks))
     sampled = [files[i] for i in order]
@@ -77,6 +86,11 @@ def select_stage(cfg: DictConfig, run_dir: Path, device) -> SelectResult:
     artifacts.write_selection(run_dir, (files[i] for i in picks), choice.distances)
     result = SelectResult(method=method, n_candidates=len(choice.all_files), n_selected=len(picks),
                           stopped_by=choice.stopped_by, n_datapool=choice.n_datapool)
+    if choice.picks_per_class is not None:
+        result.balance = cfg.sampler.balance
+        result.picks_per_class = class_names_for(cfg.sampler.balance, choice.picks_per_class, run_dir)
+        log.info("select: sampler.balance=%s picked per class: %s", cfg.sampler.balance,
+                 ", ".join(f"{name} {n}" for name, n in result.picks_per_class.items()))
     if choice.n_near_duplicates is not None:
         result.n_near_duplicates = choice.n_near_duplicates
         result.artifacts.append(NEAR_DUPLICATES)
@@ -127,6 +141,14 @@ class Choice:
     pool_embeddings: Optional[np.ndarray] = None
     points: Optional[np.ndarray] = None
     labels: Optional[np.ndarray] = None  # of every row of the matrix
+    picks_per_class: Optional[Dict[int, int]] = None  # with sampler.balance: images picked per class label
+
+
+def class_names_for(balance: str, picks_per_class: Dict[int, int], run_dir: Path) -> Dict[str, int]:
+    """Known labels by their class folder's name; predicted ones by index (the scorer's classes
+    need not be this data's)."""
+    classes = artifacts.read_dataset(run_dir).classes if balance == "known" else []
+    return {classes[label] if 0 <= label < len(classes) else str(label): n for label, n in picks_per_class.items()}
 
 
 def choose_from_embeddings(cfg: DictConfig, run_dir: Path, device, sampler: Sampler) -> Choice:
@@ -153,8 +175,8 @@ def choose_from_embeddings(cfg: DictConfig, run_dir: Path, device, sampler: Samp
             if len(fresh) < len(files):
                 vectors, rows, whole = compact_rows(vectors, fresh), rows[fresh], False
                 files = [files[i] for i in fresh]
-        picks, distances, stopped_by = choose(cfg, files, vectors, pool, device, sampler, normalized=True,
-                                              run_dir=run_dir)
+        chosen = choose(cfg, files, vectors, pool, device, sampler, normalized=True, run_dir=run_dir)
+        picks = chosen.picks
         n_datapool = None
         if pool is not None:
             from app.sampling.datapool import commit_run_selection, run_id_for
@@ -164,8 +186,8 @@ def choose_from_embeddings(cfg: DictConfig, run_dir: Path, device, sampler: Samp
                                               read_matrix_rows(run_dir, rows[order]), stored.labels[rows[order]],
                                               cfg.datapool.keep_history)
     points = vectors if whole and cfg.sampler.normalize_embeddings else None
-    return Choice(all_files, files, rows, picks, distances, stopped_by, n_near_duplicates, n_datapool,
-                  None if pool is None else pool.embeddings, points, stored.labels)
+    return Choice(all_files, files, rows, picks, chosen.distances, chosen.stopped_by, n_near_duplicates, n_datapool,
+                  None if pool is None else pool.embeddings, points, stored.labels, chosen.picks_per_class)
 
 
 def locked_datapool_for(cfg: DictConfig, run_dir: Path):
@@ -224,12 +246,25 @@ class OneImageEach(Sequence):
         return [unit % self.n]
 
 
+@dataclass
+class Chosen:
+    """What `choose` returns: picks (indices into its `files`, in pick order), their distances or
+    None, what stopped the selection, and with sampler.balance the images picked per class label."""
+    picks: List[int]
+    distances: Optional[List[float]]
+    stopped_by: str
+    picks_per_class: Optional[Dict[int, int]] = None
+
+
 def choose(cfg: DictConfig, files: List[str], embeddings: Optional[np.ndarray], pool, device,
-           sampler: Optional[Sampler] = None, normalized: bool = False, run_dir: Optional[Path] = None):
-    """(picks in pick order, their distances or None, what stopped the selection), by the sampler
-    that sampler.method names; `embeddings` is None for a sampler that needs none; `run_dir`: where
-    an executor=ray coreset shares its shards with the cluster. `normalized`:
-    the rows are normalised already as sampler.normalize_embeddings asks."""
+           sampler: Optional[Sampler] = None, normalized: bool = False, run_dir: Optional[Path] = None,
+           known_labels: Optional[np.ndarray] = None) -> Chosen:
+    """The selection among `files` by the sampler that sampler.method names; `embeddings` is None
+    for a sampler that needs none; `run_dir`: where the scores (data/scores.csv) and the scan's
+    labels are read, and where an executor=ray coreset shares its shards with the cluster;
+    `known_labels`: the files' class labels when the caller has them (else read from the scan's
+    list when sampler.balance=known). `normalized`: the rows are normalised already as
+    sampler.normalize_embeddings asks."""
     sampler = sampler or get_sampler(cfg.sampler.method)
     length = cfg.sampler.selected_sequence_length
     units = OneImageEach(len(files))
@@ -240,16 +275,89 @@ def choose(cfg: DictConfig, files: List[str], embeddings: Optional[np.ndarray], 
     vectors = pool_vectors = None
     if sampler.needs_embeddings:
         vectors, pool_vectors = unit_vectors(cfg, embeddings, units, pool, normalized)
+    balance = cfg.sampler.get("balance")
+    scores = predicted = None
+    if sampler.needs_scores or balance == "predicted":
+        scores, predicted = scores_of(files, run_dir, cfg.sampler.method)
+    labels = None
+    if balance == "known":
+        labels = known_labels if known_labels is not None else labels_from_scan(files, run_dir)
+    elif balance == "predicted":
+        labels = predicted
     budget = Budget.parse(cfg.sampler.stopping_condition.n_samples)
     count = images_to_pick(budget, len(files))
     n_units = len(units) if budget.is_off else min(-(-count // length), len(units))
-    chosen = sampler.select(Candidates(files, units, vectors, executor_for(cfg, run_dir)), count=n_units, pool=pool_vectors, seed=cfg.seed,
-                            device=device, config=cfg.sampler)
+    candidates = Candidates(files, units, vectors, executor_for(cfg, run_dir),
+                            scores=None if scores is None else per_unit_scores(scores, units),
+                            labels=None if labels is None else per_unit_labels(labels, units))
+    picks_per_class = None
+    if balance:
+        from app.sampling.balance import select_balanced
+
+        balanced = select_balanced(sampler, candidates, count=n_units, pool=pool_vectors, seed=cfg.seed,
+                                   device=device, config=cfg.sampler, balance=balance)
+        chosen = balanced.selection
+        picks_per_class = {label: 0 for label in balanced.picks_per_class}
+        for unit in chosen.picks:
+            picks_per_class[int(candidates.labels[unit])] += len(units[unit])
+    else:
+        chosen = sampler.select(candidates, count=n_units, pool=pool_vectors, seed=cfg.seed, device=device,
+                                config=cfg.sampler)
     picks = [i for unit in chosen.picks for i in units[unit]]
     distances = chosen.distances
     if distances is not None and length > 1:
         distances = [d for unit, d in zip(chosen.picks, distances) for _ in units[unit]]
-    return picks, distances, chosen.stopped_by
+    return Chosen(picks, distances, chosen.stopped_by, picks_per_class)
+
+
+def scores_of(files: List[str], run_dir: Optional[Path], method: str):
+    """(score, predicted label) arrays for `files`, from the score stage's data/scores.csv, joined
+    by file name; refuses when a file has no score."""
+    from app.scoring.scores_io import read_scores
+
+    if run_dir is None or not (Path(run_dir) / SCORES).is_file():
+        raise UserError(f"sampler={method} needs {SCORES} from the score stage, which is not in {run_dir}: add "
+                        f"score to stages (with a scorer and scorer.checkpoint)")
+    stored = read_scores(run_dir)
+    rows = rows_by_name(files, stored.files)
+    missing = np.flatnonzero(rows < 0)
+    if len(missing):
+        raise UserError(f"{len(missing)} of {len(files)} candidates have no score in {SCORES} (e.g. "
+                        f"{files[missing[0]]!r}): the score stage did not score them; run it again "
+                        f"(add score to stages)")
+    return stored.scores[rows], stored.predicted[rows]
+
+
+def labels_from_scan(files: List[str], run_dir: Optional[Path]) -> np.ndarray:
+    """The class-folder labels of `files` (data/input_files.csv); -1 for a file not listed."""
+    names, labels = artifacts.read_input_files(run_dir)
+    rows = rows_by_name(files, names)
+    return np.where(rows >= 0, np.asarray(labels, dtype=np.int64)[rows], -1)
+
+
+def rows_by_name(files: List[str], names: List[str]) -> np.ndarray:
+    """For each of `files`, its row in `names` (-1: not there)."""
+    row_of = {name: row for row, name in enumerate(names)}
+    return np.fromiter((row_of.get(name, -1) for name in files), dtype=np.int64, count=len(files))
+
+
+def per_unit_scores(scores: np.ndarray, units) -> np.ndarray:
+    """A unit's score: its image's, or the mean of its frames'."""
+    if isinstance(units, OneImageEach):
+        return np.asarray(scores, dtype=np.float64)
+    return np.fromiter((scores[unit].mean() for unit in units), dtype=np.float64, count=len(units))
+
+
+def per_unit_labels(labels: np.ndarray, units) -> np.ndarray:
+    """A unit's class: its image's, or its frames' most common known label (-1 when none is known)."""
+    if isinstance(units, OneImageEach):
+        return np.asarray(labels, dtype=np.int64)
+
+    def most_common(unit) -> int:
+        known = labels[unit][labels[unit] >= 0]
+        return int(np.bincount(known).argmax()) if len(known) else -1
+
+    return np.fromiter((most_common(unit) for unit in units), dtype=np.int64, count=len(units))
 
 
 def unit_vectors(cfg: DictConfig, embeddings: np.ndarray, units: List[List[int]], pool, normalized: bool = False):

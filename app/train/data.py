@@ -45,6 +45,21 @@ class TrainingData:
     num_keypoints: int = 0
     annotations: Any = None
     left_out: Dict[str, str] = field(default_factory=dict)
+    # What validates when it is not a split of the selection (data.holdout_fraction,
+    # data.val_input_dir), in words for the log; None: a split of the selection, or nothing.
+    validation_source: Optional[str] = None
+    # data.val_input_dir: the files at val_index are under this folder, not input_dir.
+    val_input_dir: Optional[str] = None
+
+
+@dataclass
+class ValidationImages:
+    """A validation set kept apart from the selection: where its images are, their names and
+    folder labels (-1: outside any class folder), and what it is, in words."""
+    location: str
+    files: List[str]
+    labels: List[int]
+    source: str
 
 
 def selected_files(run_dir: Path) -> Tuple[str, List[str], List[int], List[str]]:
@@ -61,23 +76,27 @@ def selected_files(run_dir: Path) -> Tuple[str, List[str], List[int], List[str]]
 
 
 def training_data(cfg, run_dir: Path) -> TrainingData:
-    """Files, targets and split for `cfg.model.task`; refuses what cannot be trained on."""
+    """Files, targets and split for `cfg.model.task`; refuses what cannot be trained on. With a
+    validation set kept apart (data.holdout_fraction, data.val_input_dir) the whole selection
+    trains and that set validates; otherwise trainer.val_fraction or val_filenames_file split
+    the selection."""
     input_dir, files, labels, folder_classes = selected_files(run_dir)
+    validation = validation_images(cfg, run_dir, input_dir, folder_classes)
     task = cfg.model.task
     spec = spec_for(task)
-    left_out: Dict[str, str] = {}
     annotations = None
     num_keypoints = 0
+    val_files: List[str] = []
+    val_targets: List[Any] = []
+    val_left_out: Dict[str, str] = {}
     if cfg.data.name in spec.labels_from_folders:
         classes = folder_classes
-        for f, label in zip(files, labels):
-            if label < 0:
-                left_out[f] = "outside any class folder"
-        kept = [(f, label) for f, label in zip(files, labels) if label >= 0]
         if len(classes) < 2:
             raise UserError(f"{task} needs at least 2 classes, one sub-folder each, in {input_dir}; "
                             f"found {len(classes)}: sort the images into class folders, or set model.task")
-        files, targets = [f for f, _ in kept], [label for _, label in kept]
+        files, targets, left_out = _in_class_folders(files, labels)
+        if validation is not None:
+            val_files, val_targets, val_left_out = _in_class_folders(validation.files, validation.labels)
     else:
         # Labels from the annotation files: boxes and keypoints, or (classification) each
         # image's one category.
@@ -88,15 +107,90 @@ def training_data(cfg, run_dir: Path) -> TrainingData:
         num_keypoints = int(annotations.num_keypoints)
         files, left_out = split_annotated(files, annotations)
         targets = [spec.training_target(annotations.targets[f]) for f in files]
+        if validation is not None:
+            val_files, val_left_out = split_annotated(validation.files, annotations)
+            val_targets = [spec.training_target(annotations.targets[f]) for f in val_files]
     if left_out:
         log.warning("train: %d selected image(s) have no %s label and are left out (e.g. %s: %s)",
                     len(left_out), task, *next(iter(left_out.items())))
     if len(files) < 2:
         raise UserError(f"training needs at least 2 labelled images; the selection has {len(files)}: "
                         f"raise sampler.stopping_condition.n_samples or check the labels")
-    train_index, val_index = split(files, cfg.trainer.val_fraction, cfg.trainer.val_filenames_file, cfg.seed)
-    return TrainingData(input_dir, classes, files, targets, train_index, val_index, num_keypoints,
-                        annotations, left_out)
+    if validation is None:
+        train_index, val_index = split(files, cfg.trainer.val_fraction, cfg.trainer.val_filenames_file, cfg.seed)
+        return TrainingData(input_dir, classes, files, targets, train_index, val_index, num_keypoints,
+                            annotations, left_out)
+    if val_left_out:
+        log.warning("train: %d validation image(s) of %s have no %s label and are left out (e.g. %s: %s)",
+                    len(val_left_out), validation.source, task, *next(iter(val_left_out.items())))
+    if not val_files:
+        raise UserError(f"the validation set, {validation.source}, has no image with a {task} label: "
+                        f"check its class folders or annotations")
+    n_train = len(files)
+    return TrainingData(input_dir, classes, files + val_files, targets + val_targets, list(range(n_train)),
+                        list(range(n_train, n_train + len(val_files))), num_keypoints, annotations, left_out,
+                        validation_source=validation.source,
+                        val_input_dir=validation.location if validation.location != input_dir else None)
+
+
+def _in_class_folders(files: Sequence[str], labels: Sequence[int]) -> Tuple[List[str], List[int], Dict[str, str]]:
+    """(files with a class folder, their labels, the others with why they are left out)."""
+    kept = [(f, label) for f, label in zip(files, labels) if label >= 0]
+    left_out = {f: "outside any class folder" for f, label in zip(files, labels) if label < 0}
+    return [f for f, _ in kept], [label for _, label in kept], left_out
+
+
+def validation_images(cfg, run_dir: Path, input_dir: str, classes: List[str]) -> Optional[ValidationImages]:
+    """The validation set kept apart from the selection: the scan's held-out images
+    (data.holdout_fraction) or every image of data.val_input_dir; None without either."""
+    val_input_dir = cfg.data.get("val_input_dir")
+    if val_input_dir:
+        return validation_folder(str(val_input_dir), classes, bool(cfg.get("enable_corruptness_check", True)))
+    fraction = cfg.data.get("holdout_fraction") or 0.0
+    if fraction <= 0:
+        return None
+    held_out = artifacts.read_holdout_files(run_dir)
+    if held_out is None:
+        raise UserError(f"data.holdout_fraction={fraction:g}, but {artifacts.HOLDOUT_FILES} is not in {run_dir}: "
+                        f"run the scan stage with it (add scan to stages)")
+    files, labels = held_out
+    return ValidationImages(input_dir, files, labels,
+                            f"the held-out images (data.holdout_fraction={fraction:g}, {artifacts.HOLDOUT_FILES})")
+
+
+def validation_folder(location: str, classes: List[str], decode: bool) -> ValidationImages:
+    """Every image under data.val_input_dir with its class-folder label, the corrupt ones
+    reported and skipped (decoded here, as the scan decodes the input). A class folder that the
+    training data does not have is refused: the model could never predict it."""
+    from app.data.locations import is_url
+    from app.data.scan import CHUNK_FILES, check_chunk, class_names, label_array, list_images
+    from app.data.sources import source_for
+    from app.progress import Progress
+
+    location = location if is_url(location) else str(Path(location))
+    if not source_for(location).exists():
+        raise UserError(f"data.val_input_dir={location!r} is not a folder")
+    files = list_images(location)
+    foreign = [name for name in class_names(files) if name not in classes]
+    if foreign:
+        raise UserError(f"data.val_input_dir={location!r} has the class folder {foreign[0]!r}, which "
+                        f"data.input_dir does not have (its classes: {', '.join(classes) or 'none'}): remove it, "
+                        f"or add that class to the training images")
+    if decode and files:
+        corrupt = set()
+        with Progress(len(files), "check validation images") as bar:
+            for start in range(0, len(files), CHUNK_FILES):
+                names = files[start:start + CHUNK_FILES]
+                checked = check_chunk(location, names, decode=True, digest=False)
+                for position, reason in zip(checked.failed.tolist(), checked.reasons):
+                    corrupt.add(names[position])
+                    log.warning("train: corrupt validation image skipped: %s (%s)", names[position], reason)
+                bar.update(len(names))
+        files = [f for f in files if f not in corrupt]
+    if not files:
+        raise UserError(f"data.val_input_dir={location!r} has no usable images")
+    return ValidationImages(location, files, label_array(files, classes).tolist(),
+                            f"data.val_input_dir={location}")
 
 
 def split(files: Sequence[str], val_fraction: float, val_filenames_file: Optional[str], seed: int):
@@ -129,10 +223,14 @@ class TrainingImages(Dataset):
     skipped the same way, with that reason."""
 
     def __init__(self, input_dir: Union[Path, str], files: Sequence[str], targets: Sequence[Any], transform: Callable,
-                 size_ok: Optional[Callable[[int, int], bool]] = None):
+                 size_ok: Optional[Callable[[int, int], bool]] = None,
+                 second_root: Optional[Tuple[int, str]] = None):
         # A bucket URL stays a string: Path would make s3://bucket/prefix s3:/bucket/prefix.
         self.input_dir, self.files, self.targets = input_dir, list(files), list(targets)
         self.transform, self.size_ok = transform, size_ok
+        # (first index, folder): the files from that index on are under that folder
+        # (data.val_input_dir's, after the selection's).
+        self.second_root = second_root
 
     def __len__(self) -> int:
         return len(self.files)
@@ -140,7 +238,8 @@ class TrainingImages(Dataset):
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
         try:
-            image = open_image(self.input_dir, self.files[index])
+            in_second = self.second_root is not None and index >= self.second_root[0]
+            image = open_image(self.second_root[1] if in_second else self.input_dir, self.files[index])
             if self.size_ok is not None and not self.size_ok(*image.size):
                 return None, None, index, f"size {image.size[0]}x{image.size[1]} outside data.augment's " \
                                           f"min_input_size/max_input_size"

@@ -3,7 +3,9 @@
 Reads the scan's `data/input_files.csv` and, when the select stage ran, its
 `filenames/sampled_filenames.txt`. Writes `checkpoints/last.pt` after every epoch and when stopped
 (SIGTERM/SIGINT, at a step boundary), `checkpoints/best.pt` by the key metric, snapshots every
-`save_epochs`, and `metrics.csv`/`metrics.json`. A rerun in the same run directory continues
+`save_epochs`, and `metrics.csv`/`metrics.json`. Without a validation set there is no key metric
+and no best.pt (unless trainer.key_metric=train_loss asks for one): a model picked by its training
+loss would pass for a validated one. A rerun in the same run directory continues
 from `last.pt` at the batch where it stopped.
 
 The loop reads top to bottom like torchvision's references: build the setup (app.train.setup, as
@@ -21,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from app import atomic
 from app.artifacts import BEST, LAST, METRICS_CSV, METRICS_JSON, epoch_checkpoint
 from app.lifecycle import Interrupted, stop_at_step_boundary
+from app.models import with_weights_in_run
 from app.progress import Progress
 from app.train import checkpoints
 from app.train.data import EpochBatches, training_data
@@ -52,9 +55,9 @@ class TrainResult:
     n_val: int
     epochs: int
     train_loss: float
-    key_metric: str
+    key_metric: Optional[str]  # None: no validation set and no trainer.key_metric
     key_metric_value: Optional[float]
-    best_epoch: int
+    best_epoch: Optional[int]  # None: no best.pt (no key metric)
     images_per_s: float
     compute_efficiency: float
     processes: int = 1
@@ -106,11 +109,13 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
         log.info("train: %s (%s) on %d images, %d for validation, %d classes, %d epochs, batch %d%s, device %s",
                  cfg.model.name, task, len(data.train_index), len(data.val_index), len(data.classes),
                  trainer.epochs, trainer.batch_size, f" x {world_size} processes" if world_size > 1 else "", device)
+        log_validation_set(data, trainer, key_metric)
 
     split_id = fingerprint([data.files[i] for i in data.train_index])
     last = checkpoints.latest(run_dir)
     state = resumable_state(last, task, cfg.model.name, data.classes, split_id) if last is not None else None
-    setup = TrainingSetup.build(cfg, data, device, rank=rank, world_size=world_size, state=state)
+    setup = TrainingSetup.build(with_weights_in_run(cfg, run_dir, announce=main_process), data, device, rank=rank,
+                                world_size=world_size, state=state)
     position = Position()
     if state is not None:
         position = resumed_position(state)
@@ -183,18 +188,20 @@ def fit(cfg: DictConfig, run_dir: Path, device: torch.device, rank: int = 0, wor
             loggers.close()
     report_files = []
     if main_process:
+        from app.report.class_counts import record_validation_counts
         from app.report.training import write_training_report
 
+        record_validation_counts(run_dir, data)
         report_files = write_training_report(run_dir, json.loads((run_dir / METRICS_JSON).read_text()))
     final = position.history[-1]
     best = position.best or {}
     return TrainResult(
         task=task, model=cfg.model.name, n_train=len(data.train_index), n_val=len(data.val_index),
         epochs=trainer.epochs, train_loss=round(final["train_loss"], 5), key_metric=key_metric,
-        key_metric_value=_rounded(final.get(key_metric)), best_epoch=int(best.get("epoch", final["epoch"])),
+        key_metric_value=_rounded(final.get(key_metric)), best_epoch=int(best["epoch"]) if best else None,
         images_per_s=round(sum(h["images_per_s"] for h in position.history) / len(position.history), 2),
         compute_efficiency=round(final["compute_efficiency"], 3), processes=world_size, resumed_from=resumed_from,
-        artifacts=[LAST, BEST, METRICS_JSON, METRICS_CSV, *report_files])
+        artifacts=[LAST, *([BEST] if position.best else []), METRICS_JSON, METRICS_CSV, *report_files])
 
 
 def train_one_epoch(setup: TrainingSetup, loader, position: Position, stop, loggers, desc: str) -> bool:
@@ -254,6 +261,7 @@ def evaluate(setup: TrainingSetup, loader, evaluator, stop) -> bool:
     """Feed the validation set to `evaluator` (the plain model, on this process alone); False when
     a stop was requested midway."""
     setup.model.eval()
+    failed = []
     with Progress(len(loader.batch_sampler.indices), "validate") as bar:
         for images, targets, _, failures in loader:
             if stop:
@@ -261,7 +269,11 @@ def evaluate(setup: TrainingSetup, loader, evaluator, stop) -> bool:
             if images is not None:
                 outputs = setup.predict(images)
                 evaluator.update(to_device(outputs, torch.device("cpu")), targets)
+            failed += failures
             bar.update((0 if images is None else len(images)) + len(failures))
+    if failed:
+        log.warning("validate: %d image(s) could not be loaded and are not counted (e.g. %s: %s)", len(failed),
+                    setup.data.files[failed[0][0]], failed[0][1])
     return True
 
 
@@ -286,9 +298,10 @@ def finish_epoch(run_dir: Path, position: Position, record: Dict[str, Any], key_
     files = []
     if value is not None and (best is None or (value > best["value"] if key_mode == "max" else value < best["value"])):
         position.best = state["best"] = {"epoch": record["epoch"], "metric": key_metric, "value": value}
-        files.append((run_dir / BEST, checkpoints.for_inference(state)))
+        files.append((run_dir / BEST, checkpoints.for_snapshot(state, trainer.save_optimizer_state)))
     if trainer.save_epochs and record["epoch"] % trainer.save_epochs == 0:
-        files.append((run_dir / epoch_checkpoint(record["epoch"]), state))
+        snapshot = checkpoints.for_snapshot(state, trainer.save_optimizer_state)
+        files.append((run_dir / epoch_checkpoint(record["epoch"]), snapshot))
     files.insert(0, (run_dir / LAST, state))
     saver.save(files)
     write_metrics_csv(run_dir, position.history)
@@ -324,13 +337,33 @@ def resumed_position(state: Dict[str, Any]) -> Position:
                     best=state.get("best"))
 
 
-def key_metric_for(trainer, task: TaskSpec, has_validation: bool):
-    """(metric, mode) that picks best.pt: trainer.key_metric, else the task's, else train_loss."""
+def key_metric_for(trainer, task: TaskSpec, has_validation: bool) -> Tuple[Optional[str], Optional[str]]:
+    """(metric, mode) that picks best.pt: trainer.key_metric, else the task's; (None, None) without
+    a validation set, so that nothing passes a training-loss pick off as a validated one."""
     if trainer.key_metric:
         return trainer.key_metric, trainer.key_metric_mode
     if not has_validation:
-        return "train_loss", "min"
+        return None, None
     return task.key_metric, "max"
+
+
+def log_validation_set(data, trainer, key_metric: Optional[str]) -> None:
+    """Say once what the model is validated on, or that nothing is and what follows from that."""
+    if data.validation_source is not None:
+        log.info("train: validating on %s: %d images; the whole selection (%d images) trains, "
+                 "trainer.val_fraction is not used", data.validation_source, len(data.val_index),
+                 len(data.train_index))
+    elif data.val_index:
+        how = (f"trainer.val_filenames_file={trainer.val_filenames_file}" if trainer.val_filenames_file
+               else f"trainer.val_fraction={trainer.val_fraction:g}")
+        log.info("train: validating on %d images of the selection (%s)", len(data.val_index), how)
+    elif key_metric is None:
+        split = ("trainer.val_fraction=0" if not trainer.val_fraction
+                 else f"trainer.val_fraction={trainer.val_fraction:g} of {len(data.train_index)} images is none")
+        log.warning("train: no validation set (%s, no data.holdout_fraction / data.val_input_dir): best.pt is "
+                    "not written; key metric: none", split)
+    else:
+        log.warning("train: no validation set: best.pt is picked by trainer.key_metric=%s", key_metric)
 
 
 def set_determinism(deterministic: bool, device: torch.device) -> None:

@@ -80,6 +80,10 @@ class TrainerConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # Keep checkpoints/epoch_NNN.pt every this many epochs (0: only last.pt and best.pt).
     save_epochs: int = 0
+    # best.pt and epoch_NNN.pt with the optimizer, scheduler and AMP scaler states too, so training can
+    # continue from them; false: the weights only (a third of the size for resnet18 under AdamW).
+    # last.pt always has them: a rerun resumes from it.
+    save_optimizer_state: bool = False
     # Clip the gradients' total norm to this (null: no clipping).
     grad_clip_norm: Optional[float] = None
     # Automatic mixed precision on CUDA: null, bf16 or fp16 (fp16 with a gradient scaler).
@@ -88,9 +92,12 @@ class TrainerConfig:
     compile: bool = False
     # torch.use_deterministic_algorithms and seeded workers: a resumed run equals an uninterrupted one.
     deterministic: bool = False
-    # The metric that picks checkpoints/best.pt; null: the task's (val_top1, val_map, val_keypoints_map).
+    # The metric that picks checkpoints/best.pt; null: the task's (val_top1, val_map, val_keypoints_map),
+    # or, with no validation set, none: no best.pt (train_loss with key_metric_mode=min asks for one).
     key_metric: Optional[str] = None
     key_metric_mode: str = "max"
+    # The share of the selection that validates instead of training; not used when data.holdout_fraction
+    # or data.val_input_dir gives a validation set apart from the selection (all of it trains then).
     val_fraction: float = 0.2
     # One file name per line (as in data/input_files.csv): these validate, the rest train.
     val_filenames_file: Optional[str] = None
@@ -150,9 +157,10 @@ def validate_trainer(trainer: DictConfig, task: str) -> None:
                      "it must be an existing text file, one file name per line")
 
 
-def validate_key_metric(trainer: DictConfig, task: str) -> None:
+def validate_key_metric(trainer: DictConfig, task: str, held_out: bool = False) -> None:
     """best.pt is chosen by trainer.key_metric: it must be a metric the task reports, compared the
-    right way round, and a validation metric needs a validation set."""
+    right way round, and a validation metric needs a validation set (`held_out`: the data gives
+    one, data.holdout_fraction or data.val_input_dir)."""
     metric, mode = trainer.key_metric, trainer.key_metric_mode
     reported = (*TASKS[task].metrics, "train_loss")
     if metric not in reported:
@@ -163,10 +171,11 @@ def validate_key_metric(trainer: DictConfig, task: str) -> None:
         raise refuse("trainer.key_metric_mode", mode,
                      f"trainer.key_metric={metric} is better when {'lower' if wanted == 'min' else 'higher'}: "
                      f"use {wanted}")
-    if metric != "train_loss" and trainer.val_fraction == 0 and not trainer.val_filenames_file:
-        raise refuse("trainer.key_metric", metric, "trainer.val_fraction=0 and no trainer.val_filenames_file "
-                     "leave no validation set to measure it on: use train_loss (with key_metric_mode=min), "
-                     "or set trainer.val_fraction")
+    if metric != "train_loss" and trainer.val_fraction == 0 and not trainer.val_filenames_file and not held_out:
+        raise refuse("trainer.key_metric", metric, "trainer.val_fraction=0 and no trainer.val_filenames_file, "
+                     "data.holdout_fraction or data.val_input_dir leave no validation set to measure it on: "
+                     "set data.holdout_fraction or trainer.val_fraction, or use train_loss (with "
+                     "key_metric_mode=min)")
 
 
 def validate_hardware(hardware: DictConfig) -> None:

@@ -88,7 +88,11 @@ class TrainingSetup:
         transform = build_transform(augment, self.data_cfg.image_size, train=train,
                                     normalize=self.task.normalize_images, keypoint_flip_index=flip_index)
         size_ok = functools.partial(input_size_ok, augment=augment) if train else None
-        return TrainingImages(self.data.input_dir, self.data.files, self.data.targets, transform, size_ok=size_ok)
+        second_root = None
+        if self.data.val_input_dir is not None and self.data.val_index:  # data.val_input_dir's images
+            second_root = (self.data.val_index[0], self.data.val_input_dir)
+        return TrainingImages(self.data.input_dir, self.data.files, self.data.targets, transform, size_ok=size_ok,
+                              second_root=second_root)
 
     def loader_settings(self, batch_size: int, num_workers: Optional[int] = None) -> Dict[str, Any]:
         """DataLoader keyword arguments from the hardware group (num_workers: another count)."""

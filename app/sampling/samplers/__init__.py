@@ -5,7 +5,11 @@ Adding a sampler is one module here and one YAML in conf/sampler/; nothing else 
 1. `app/sampling/samplers/<name>.py` defines `SAMPLER = Sampler(name="<name>", select=...)`, with
    `needs_embeddings=False` when it picks from the file list alone (the runner then skips the
    embed stage and refuses `embeddings=`, `enable_training=true` and `near_duplicate_distance`
-   for it), `uses_min_distance=True` when it stops on `stopping_condition.min_distance` (refused
+   for it), and also `optional_embeddings=True` when the stage's own uses of embeddings still
+   apply to it (near duplicates, a datapool, `embeddings=`: the embed stage then runs for them;
+   `needs_embeddings(cfg)` decides), `needs_scores=True` when it picks by the score stage's
+   per-file scores (data/scores.csv; config validation then asks for a scorer and its checkpoint),
+   `uses_min_distance=True` when it stops on `stopping_condition.min_distance` (refused
    for the others), and `check=` for config-time checks of its own keys (raise
    app.errors.UserError). `select(candidates, count=, pool=, seed=, device=, config=)` returns a
    `Selection` of up to `count` candidate units, in pick order (see `SelectFunction`). Import
@@ -24,8 +28,10 @@ The modules are found by listing this package (app.config.register_configs store
 validation refuses a `sampler.method` that no module registers, with a did-you-mean, and the select stage dispatches through `get_sampler`. The select stage does what
 is common to every sampler before and after `select`: near-duplicate removal, L2 normalisation
 (`normalize_embeddings`), whole frame sequences as units (`selected_sequence_length`), the datapool
-(its vectors come in as `pool`; the picks are committed to it), resolving the budget
-(app.sampling.schema.Budget) to a count of units, and the artifacts.
+(its vectors come in as `pool`; the picks are committed to it), the scores (`candidates.scores`,
+for a sampler with `needs_scores`), resolving the budget (app.sampling.schema.Budget) to a count of
+units, `sampler.balance` (app.sampling.balance: `select` runs once per class, on that class's
+candidates and share of the budget), and the artifacts.
 """
 from __future__ import annotations
 
@@ -53,6 +59,12 @@ class Candidates:
     # Where heavy work may run (app.executors): executor=ray gives a cluster, which the coreset
     # uses for its distances; a sampler that has no use for it ignores it.
     executor: Optional["Executor"] = None
+    # One float64 per unit (a sequence: the mean of its frames'), from the score stage; higher:
+    # more worth labelling. None unless the sampler needs scores.
+    scores: Optional["np.ndarray"] = None
+    # One int64 class label per unit (sampler.balance's source: known, from the class folders, or
+    # predicted by the scorer; a sequence: its frames' most common), -1: unknown; None when unused.
+    labels: Optional["np.ndarray"] = None
 
 
 @dataclass
@@ -77,6 +89,10 @@ class Sampler:
     name: str
     select: SelectFunction
     needs_embeddings: bool = True
+    # Picks without embeddings, but the select stage's uses of them (near duplicates, a datapool,
+    # embeddings=) apply: the embed stage runs only when one of them is asked for.
+    optional_embeddings: bool = False
+    needs_scores: bool = False
     uses_min_distance: bool = False
     # A dataclass deriving from app.sampling.schema.SamplerConfig, for a sampler with keys of its own;
     # None: SamplerConfig.
@@ -116,6 +132,44 @@ def get_sampler(name: Any) -> Sampler:
     return registry()[str(name)]
 
 
-def needs_embeddings(method: Any) -> bool:
-    """Whether sampler.method=`method` selects by embeddings (and so needs the embed stage)."""
-    return get_sampler(method).needs_embeddings
+def can_use_embeddings(method: Any) -> bool:
+    """Whether sampler.method=`method` selects by embeddings or lets the stage use them."""
+    sampler = get_sampler(method)
+    return sampler.needs_embeddings or sampler.optional_embeddings
+
+
+def embeddings_wanted_by(cfg: "DictConfig") -> List[str]:
+    """Why this run needs the embed stage, one phrase per reason; [] when nothing does. A sampler
+    with optional embeddings needs them only for the stage's own uses of them: near duplicates,
+    a datapool (which keeps its members' vectors for later runs), or embeddings= given."""
+    from omegaconf import OmegaConf
+
+    sampler = get_sampler(cfg.sampler.method)
+    if sampler.needs_embeddings:
+        return [f"sampler={sampler.name} selects by them"]
+    if not sampler.optional_embeddings:
+        return []
+    reasons = []
+    near = OmegaConf.select(cfg, "sampler.near_duplicate_distance", default=-1.0)
+    if near is not None and near > 0:
+        reasons.append(f"sampler.near_duplicate_distance={near} compares them")
+    pool = OmegaConf.select(cfg, "datapool.name", default=None)
+    if pool:
+        reasons.append(f"datapool.name={pool} keeps its members' vectors")
+    if OmegaConf.select(cfg, "embeddings", default=None):
+        reasons.append("embeddings= gives them")
+    return reasons
+
+
+def needs_embeddings(cfg: "DictConfig") -> bool:
+    """Whether this run needs the embed stage (see embeddings_wanted_by)."""
+    return bool(embeddings_wanted_by(cfg))
+
+
+def needs_scores(cfg: "DictConfig") -> bool:
+    """Whether the select stage reads data/scores.csv: the sampler picks by scores, or
+    sampler.balance=predicted splits the budget by the scorer's predicted labels."""
+    from omegaconf import OmegaConf
+
+    return (get_sampler(cfg.sampler.method).needs_scores
+            or OmegaConf.select(cfg, "sampler.balance", default=None) == "predicted")

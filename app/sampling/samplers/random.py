@@ -1,6 +1,7 @@
 """sampler=random: a uniform sample of the candidates without replacement, seeded by `seed`. It
-reads the embeddings like coreset does (so the datapool and near-duplicate removal apply) but
-picks without looking at them."""
+picks without embeddings, so the embed stage is skipped unless something else needs them
+(near-duplicate removal, a datapool, embeddings=); the same candidates give the same picks either
+way."""
 from __future__ import annotations
 
 from typing import List
@@ -19,4 +20,4 @@ def select_random_units(candidates: Candidates, count: int, pool, seed: int, dev
     return Selection(select_random(len(candidates.units), count, seed), None, "n_samples")
 
 
-SAMPLER = Sampler(name="random", select=select_random_units, needs_embeddings=True)
+SAMPLER = Sampler(name="random", select=select_random_units, needs_embeddings=False, optional_embeddings=True)
