@@ -30,7 +30,7 @@ from app.data.schema import (CocoDataConfig, FolderDataConfig, OxfordPetDataConf
 from app.errors import UserError
 from app.executors.schema import ExecutorConfig, RayConfig, validate_executor
 from app.profile.schema import ProfileConfig, validate_profile
-from app.sampling.samplers import can_use_embeddings, get_sampler, needs_embeddings, registry as sampler_registry
+from app.sampling.samplers import can_use_embeddings, needs_embeddings, registry as sampler_registry
 from app.sampling.schema import (SSL_WEIGHTS, DatapoolConfig, ReportConfig, SamplerConfig, SSLConfig,
                                  uses_no_embeddings,
                                  validate_datapool, validate_outputs, validate_report, validate_sampler,
