@@ -183,7 +183,7 @@ def test_a_run_from_bucket_to_bucket_on_the_command_line_keeps_the_credentials_s
                THRESHER_STAGING_DIR=str(tmp_path / "staging"))
     result = thresher(["data=folder", f"data.input_dir=s3://{bucket}/data", f"work_dir=s3://{bucket}/runs",
                        "run_directory=first", "stages=[scan,embed,select]", "hardware=cpu", "data.image_size=32",
-                       "sampler=random", "sampler.stopping_condition.n_samples=5"], env, tmp_path)
+                       "sampler=coreset", "sampler.stopping_condition.n_samples=5"], env, tmp_path)
     assert result.returncode == 0, result.stderr
     staged = tmp_path / "staging" / "s3" / bucket / "runs" / "first"
     remote = f"{bucket}/runs/first"

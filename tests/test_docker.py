@@ -193,7 +193,7 @@ def test_run_writes_a_finished_run_to_the_output_mount_and_never_the_token(image
     run_dir = the_run_directory(output_dir)
     assert read_summary(run_dir)["status"] == "finished"
     assert len(lines_of(run_dir / "filenames" / "sampled_filenames.txt")) == 20
-    for artifact in ("data/embeddings.csv", "checkpoints/last.pt", "metrics.json", ".hydra/config.yaml"):
+    for artifact in ("data/input_files.csv", "checkpoints/last.pt", "metrics.json", ".hydra/config.yaml"):
         assert (run_dir / artifact).is_file(), f"{artifact} missing from {run_dir}"
 
     assert token.encode() not in process.stdout
