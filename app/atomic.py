@@ -80,3 +80,15 @@ def read_lines(path: Path) -> list[str]:
     (str.splitlines would also split at \\x1c, \\x85, U+2028 ...); a CRLF file reads the same."""
     lines = (line.removesuffix("\r") for line in Path(path).read_text(encoding="utf-8").split("\n"))
     return [line for line in lines if line.strip()]
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing, unreadable, malformed or not an object:
+    for reading other runs' files, which may be partial."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

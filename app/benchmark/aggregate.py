@@ -11,7 +11,6 @@ listed row, never an exception. No torch here; numpy and yaml only.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,12 +93,7 @@ class Benchmark:
 # ---------------------------------------------------------------------------------------------
 # Reading the jobs
 # ---------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+_read_json = atomic.read_json_object
 
 
 def _read_yaml(path: Path) -> Dict[str, Any]:

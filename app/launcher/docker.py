@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import codecs
 import copy
-import json
 import logging
 import os
 import re
@@ -584,12 +583,7 @@ def _numbers(node: Any, prefix: str) -> Dict[str, Any]:
     return found
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+_read_json = atomic.read_json_object
 
 
 def job_metrics(run_dir: Path) -> Dict[str, Any]:
