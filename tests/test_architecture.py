@@ -205,3 +205,19 @@ def test_reading_a_lightly_csv_imports_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "no torch" in result.stdout
+
+
+def test_every_package_and_config_group_ships_in_the_wheel():
+    """pyproject lists its packages by hand (conf/ ships as app.conf): a new stage folder or config
+    group left off the list installs editable but breaks the image build ("No module named ...")."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    wanted = {module_name(init.parent / "__init__.py") for init in APP.rglob("__init__.py")}
+    conf = ROOT / "conf"
+    wanted |= {
+        ".".join(("app.conf",) + folder.relative_to(conf).parts)
+        for folder in [conf, *(d for d in conf.rglob("*") if d.is_dir())]
+        if any(folder.glob("*.yaml"))
+    }
+    assert sorted(wanted - listed) == []
