@@ -89,7 +89,9 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
     streams = np.random.SeedSequence(seed).spawn(5)
     random_rng, input_rng, selection_rng, scatter_rng, nearest_rng = (np.random.default_rng(s) for s in streams)
 
-    report: Dict = {"counts": {}, "distance": "euclidean between L2-normalised embeddings", "seed": seed}
+    # "plots" is always there (empty without embeddings), so readers of report.json need no guard.
+    report: Dict = {"counts": {}, "distance": "euclidean between L2-normalised embeddings", "seed": seed,
+                    "plots": []}
     notes: List[str] = []
     captions: Dict[str, str] = {}
     subsampled = False
@@ -215,7 +217,7 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
             plots.plot_video_sampling_timeline(videos, run_dir / TIMELINE_PNG)
             captions[TIMELINE_PNG] = ("Which frames of each video were selected (red) among its usable "
                                       "frames (grey), along the video's time axis.")
-            report["plots"] = [*report.get("plots", []), TIMELINE_PNG]
+            report["plots"].append(TIMELINE_PNG)
 
     report["counts"] = {"candidates": n_candidates, "selected": len(sampled), "removed": len(removed),
                         "corrupt": len(corrupt), "duplicates": len(duplicates)}
@@ -234,7 +236,7 @@ def write_report(run_dir: Path, n_example_images: int = 6, memory_requirement_in
     if earlier.get("scores"):  # the score stage's section, written before the selection
         report["scores"] = earlier["scores"]
     write_report_files(run_dir, report)
-    log.info("report: %s and %s with %d plots", REPORT_HTML, REPORT_JSON, len(report.get("plots", [])))
+    log.info("report: %s and %s with %d plots", REPORT_HTML, REPORT_JSON, len(report["plots"]))
     return ReportResult(n_candidates=n_candidates, n_selected=len(sampled), n_removed=len(removed),
                         n_corrupt=len(corrupt), n_duplicates=len(duplicates), pairwise_subsampled=subsampled,
-                        artifacts=[REPORT_JSON, REPORT_HTML, *report.get("plots", [])])
+                        artifacts=[REPORT_JSON, REPORT_HTML, *report["plots"]])
