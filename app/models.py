@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torchvision
@@ -56,16 +56,23 @@ def load_weights(weights: Optional[str], key: str = "model.weights") -> Optional
                             f"downloads; fetch {enum_value.url} and put it there (TORCH_HOME sets the folder)")
     else:
         path = Path(weights)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"{key}={str(path)!r} could not be read as a PyTorch state dict: "
-                        f"{type(error).__name__}: {error}") from None
+    state = load_torch_file(key, path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a thresher checkpoint
     if not isinstance(state, dict):
         raise UserError(f"{key}={str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def load_torch_file(key: str, path: Path) -> Any:
+    """A .pt file's contents, tensors only (weights_only), on the CPU; a UserError naming `key` and
+    the first line of torch's reason when it is not a PyTorch file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).splitlines()[0][:160] if str(error) else ""
+        raise UserError(f"{key}={str(path)!r} could not be read as a PyTorch file "
+                        f"({type(error).__name__}: {reason})") from None
 
 
 def weights_in_run(weights: Optional[str], run_dir: Path) -> Optional[str]:

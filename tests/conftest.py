@@ -196,3 +196,18 @@ def run_in_process(overrides: List[str], monkeypatch, tmp_path: Path, cache_dir:
     cfg = cli.compose(list(overrides))
     run_dir = Path(run_directory_path(cfg.work_dir, cfg.note, cfg.run_directory))
     return execute(cfg, run_dir), run_dir
+
+
+def make_class_folder(root: Path, counts: dict, size: tuple = (20, 20), seed: int = 0, stem: str = "") -> Path:
+    """A folder of class sub-folders (data=folder) with counts[class] seeded random PNGs of
+    size (height, width) each, named <class>_NNN.png (or <stem>_NNN.png)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            pixels = rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{stem or name}_{index:03d}.png")
+    return root

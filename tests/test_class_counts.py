@@ -7,23 +7,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from app import artifacts
 from app.report.class_counts import class_counts, per_class
 from app.report.page import render_html
 from app.scoring.scores_io import write_scores
-from conftest import run_in_process
+from conftest import make_class_folder, run_in_process
 
 
 def make_folder(root: Path, sizes: dict) -> Path:
-    rng = np.random.default_rng(0)
-    for name, size in sizes.items():
-        (root / name).mkdir(parents=True)
-        for index in range(size):
-            pixels = rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{name}_{index:03d}.png")
-    return root
+    return make_class_folder(root, sizes, size=(16, 16))
 
 
 def rows_by_class(section: dict) -> dict:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from app import artifacts
 from app.errors import UserError
-from conftest import compose, main_in_process, run_in_process, summary_of
+from conftest import compose, main_in_process, make_class_folder, run_in_process, summary_of
 
 # Tiny shapes, CPU; the smallest model the task offers, so training tests stay short.
 TINY = ["data.n_images=30", "data.shapes_image_size=32", "data.image_size=32", "hardware=cpu", "trainer.epochs=1",
@@ -31,13 +31,7 @@ def lines(path: Path):
 
 
 def make_folder(root: Path, per_class: int, classes=("a", "b"), seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for index in range(per_class):
-            pixels = rng.integers(0, 255, size=(20, 20, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{name}_{index:03d}.png")
-    return root
+    return make_class_folder(root, dict.fromkeys(classes, per_class), seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------

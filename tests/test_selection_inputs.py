@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import only_run_dir, summary_of, thresher
+from conftest import make_class_folder, only_run_dir, summary_of, thresher
 
 # Every test here runs the CLI in a fresh process: the slow tier (`python -m pytest --slow`).
 pytestmark = pytest.mark.slow
@@ -18,13 +18,7 @@ FOLDER = ["data=folder", "data.image_size=32", "hardware=cpu", "trainer.epochs=1
 
 
 def make_folder(root: Path, per_class: int = 8, classes=("a", "b")) -> Path:
-    rng = np.random.default_rng(0)
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for index in range(per_class):
-            pixels = rng.integers(0, 255, size=(24, 40, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"frame_{index:03d}.png")
-    return root
+    return make_class_folder(root, dict.fromkeys(classes, per_class), size=(24, 40), stem="frame")
 
 
 def lines(path: Path):

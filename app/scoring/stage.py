@@ -25,6 +25,7 @@ from app.data.augment import build_transform
 from app.data.images import make_loader
 from app.device import loader_workers
 from app.errors import UserError
+from app.models import load_torch_file
 from app.progress import Progress
 from app.report.scores import write_scores_report
 from app.scoring import scorers
@@ -143,11 +144,7 @@ def score_batch(spec: TaskSpec, model: torch.nn.Module, images: torch.Tensor, sc
 def read_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(state dict, what a thresher checkpoint says about it: task, model_name, classes,
     image_size; {} for a plain state dict), or a UserError saying what is wrong."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"{KEY}={str(path)!r} could not be read as a PyTorch file ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:160] if str(error) else ''})") from None
+    state = load_torch_file(KEY, path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         return state["model"], {key: state.get(key) for key in ("task", "model_name", "classes", "image_size")}
     if isinstance(state, dict) and state and all(torch.is_tensor(value) for value in state.values()):
