@@ -116,9 +116,13 @@ def preflight(args: List[str]) -> Optional[argparse.Namespace]:
     from hydra._internal.utils import get_args_parser
 
     parsed = get_args_parser().parse_args(args)
-    if (parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion or parsed.multirun
+    if (parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion
             or parsed.config_path or parsed.config_name or parsed.config_dir):
-        return None  # Hydra answers these itself; each job of a sweep checks its own config
+        return None  # Hydra answers these itself
+    if parsed.multirun:
+        for overrides in sweep_samples(parsed.overrides):
+            validate(compose(overrides))
+        return None  # each job checks its own run directory and training settings
     cfg = compose(parsed.overrides)
     validate(cfg)
     if not parsed.cfg:  # refuse before Hydra creates the folder and opens its log file there
@@ -132,6 +136,58 @@ def preflight(args: List[str]) -> Optional[argparse.Namespace]:
 
             check_train_config(cfg)
     return parsed
+
+
+# A sweep's combinations are all composed up to this many; past it, one per value of its longest
+# sweep (the i-th combination takes each sweep's i-th value, cycling), so every value is checked.
+MAX_COMBINATIONS_CHECKED = 16
+
+
+def sweep_samples(overrides: List[str]) -> List[List[str]]:
+    """Override lists without sweeps, one per combination the preflight composes for `thresher -m`:
+    a typo in a swept key or value is refused with one line before Hydra starts any job. An
+    interval (Optuna) is checked at its start; a glob at the group options it matches."""
+    from itertools import product
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob, IntervalSweep
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as error:
+        raise UserError(explain_compose_error(error, overrides)) from error
+    fixed, sweeps, intervals = [], [], []
+    for override in parsed:
+        if not override.is_sweep_override():
+            fixed.append(override.input_line)
+            continue
+        head, value = override.input_line.split("=", 1)[0], override.value()
+        if isinstance(value, IntervalSweep):
+            intervals.append(override.input_line)
+            start = float(value.start)  # Hydra keeps interval(1,10)'s ends as floats; an int key takes "1"
+            values = [str(int(start)) if start.is_integer() else str(start)]
+        elif isinstance(value, Glob):
+            values = value.filter(group_options(override.key_or_group)) if override.key_or_group in GROUPS else []
+        else:
+            values = list(override.sweep_string_iterator())
+        if values:
+            sweeps.append([f"{head}={choice}" for choice in values])
+    if intervals:
+        sweeper = compose(fixed, with_hydra=True).hydra.sweeper.get("_target_", "")
+        if "optuna" not in sweeper.lower():
+            raise UserError(f"{intervals[0]}: an interval is for the Optuna sweeper: add hydra/sweeper=optuna "
+                            f"(Hydra's basic sweeper takes a list a,b,c or range(start,stop))")
+    if not sweeps:
+        return [fixed]
+    n_product = 1
+    for values in sweeps:
+        n_product *= len(values)
+    if n_product <= MAX_COMBINATIONS_CHECKED:
+        combinations = list(product(*sweeps))
+    else:
+        longest = max(len(values) for values in sweeps)
+        combinations = [tuple(values[i % len(values)] for values in sweeps) for i in range(longest)]
+    return [[*fixed, *combination] for combination in combinations]
 
 
 def show_resolved_hydra_config(overrides: List[str], package: Optional[str]) -> None:
@@ -153,9 +209,9 @@ def show_resolved_hydra_config(overrides: List[str], package: Optional[str]) -> 
     sys.stdout.write(redact(OmegaConf.to_yaml(shown)))
 
 
-def compose(overrides: List[str]) -> DictConfig:
+def compose(overrides: List[str], with_hydra: bool = False) -> DictConfig:
     try:
-        return compose_quietly(overrides)
+        return compose_quietly(overrides, with_hydra=with_hydra)
     except Exception as error:  # Hydra's and OmegaConf's own exceptions, made readable
         raise UserError(explain_compose_error(error, overrides)) from error
 

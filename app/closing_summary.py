@@ -61,9 +61,10 @@ def stopping(cfg: DictConfig, stopped_by: Optional[str]) -> str:
 
 def train_line(train: Dict[str, Any], run_dir: Path) -> str:
     metric, value, epochs = train.get("key_metric"), train.get("key_metric_value"), train.get("epochs")
-    shown = f"{train.get('model')}: {metric} {_fmt(value)} after {epochs} epochs"
+    n_epochs = f"{epochs} epoch" + ("" if epochs == 1 else "s")
+    shown = f"{train.get('model')}: {metric} {_fmt(value)} after {n_epochs}"
     if metric is None:  # no validation set
-        shown = f"{train.get('model')}: {epochs} epochs, no validation set (no key metric, no best.pt)"
+        shown = f"{train.get('model')}: {n_epochs}, no validation set (no key metric, no best.pt)"
     best = _best(run_dir)
     if best and best.get("epoch") is not None:
         if best["epoch"] != epochs:

@@ -291,7 +291,8 @@ print("validated", sorted(checks))
 @pytest.mark.slow
 @pytest.mark.parametrize("args, validated", [
     ([], "[0]"),  # preflight checks it, the run does not check it again
-    (["--multirun", "seed=1,2"], "[1, 2]"),  # no preflight for a sweep: each job's run checks its config
+    # a sweep: the preflight composes each combination, then each job's run checks its own config
+    (["--multirun", "seed=1,2"], "[1, 1, 2, 2]"),
 ])
 def test_a_config_is_validated_once_per_run(args, validated, env, tmp_path):
     result = subprocess.run([sys.executable, "-c", COUNT_CHECKS, *args, "data.n_images=12", "data.shapes_image_size=32",
@@ -311,3 +312,37 @@ def test_a_tilde_in_an_override_says_to_write_home():
         compose("data=folder", "data.input_dir=~/images")
     assert str(refused.value) == ("could not parse the override data.input_dir=~/images: Hydra does not expand "
                                   "'~'; write data.input_dir=$HOME/images")
+
+
+# ---- a sweep's overrides are checked before Hydra starts a job ---------------------------------
+
+@pytest.mark.parametrize("args, line", [
+    (["foo=1"], "thresher: error: foo=1: no such key or group"),
+    (["sampler=random,corset"], "thresher: error: sampler=corset is not an option: choose from "),
+    (["sampler=random,coreset", "sampler.stopping_condition.n_samples=0.1,abc"],
+     "thresher: error: sampler.stopping_condition.n_samples='abc' is not allowed: "),
+    (["trainer.epochs=interval(1,3)"],
+     "thresher: error: trainer.epochs=interval(1,3): an interval is for the Optuna sweeper: add hydra/sweeper=optuna"),
+    (["hydra/sweeper=optuna", "trainer.optimizer.lr=interval(0.0001,0.1)"],
+     "thresher: error: trainer.optimizer.lr=0.0001: no such key"),
+])
+def test_a_sweep_with_a_bad_override_exits_2_with_one_line_before_any_job(args, line, monkeypatch, capsys,
+                                                                          tmp_path, cache_dir):
+    code, out, err = main_in_process(["-m", *args], monkeypatch, capsys, tmp_path, cache_dir)
+    assert code == 2 and err.strip().splitlines()[0].startswith(line) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists(), "a refused sweep must not create its folder"
+
+
+def test_the_sweep_preflight_composes_every_combination_or_every_value_once():
+    from app.cli import MAX_COMBINATIONS_CHECKED, sweep_samples
+
+    assert sweep_samples(["seed=1", "+x@y=a,b", "sampler=random,coreset"]) == [
+        ["seed=1", "+x@y=a", "sampler=random"], ["seed=1", "+x@y=a", "sampler=coreset"],
+        ["seed=1", "+x@y=b", "sampler=random"], ["seed=1", "+x@y=b", "sampler=coreset"]]
+    assert sweep_samples(["seed=1"]) == [["seed=1"]]
+    many = sweep_samples([f"seed=range(0,{MAX_COMBINATIONS_CHECKED})", "sampler=random,coreset,typical"])
+    assert len(many) == MAX_COMBINATIONS_CHECKED  # past the cap: one per value, each value once
+    assert {sample[0] for sample in many} == {f"seed={i}" for i in range(MAX_COMBINATIONS_CHECKED)}
+    assert {sample[1] for sample in many} == {"sampler=random", "sampler=coreset", "sampler=typical"}
+    assert sweep_samples(["sampler=glob(co*)"]) == [["sampler=coreset"]]
+    assert sweep_samples(["hydra/sweeper=optuna", "seed=interval(1,5)"]) == [["hydra/sweeper=optuna", "seed=1"]]

@@ -491,8 +491,10 @@ def test_a_two_job_sweep_runs_in_containers_and_gathers_a_summary(
 def test_a_failing_job_is_listed_with_its_log_and_its_exit_code(docker_client, launcher_env, tmp_path):
     label = f"thresher_test={uuid.uuid4().hex}"
     try:
+        # A value only torch refuses: the job's run rejects it before any stage (the host's preflight
+        # composes and validates the sweep, so a plain config error would start no container).
         process = thresher(["-m", "hydra/launcher=docker", "sampler=random",
-                            "sampler.stopping_condition.n_samples=0", *TINY,
+                            "+trainer.optimizer.params.betas=oops", *TINY,
                             f"+hydra.launcher.labels.{label}"], launcher_env, tmp_path)
         assert containers_labelled(docker_client, label) == []
     finally:
@@ -503,7 +505,7 @@ def test_a_failing_job_is_listed_with_its_log_and_its_exit_code(docker_client, l
     log_path = sweep_dir / "0" / "container.log"
     assert "1 of 1 jobs failed" in process.stderr
     assert f"exit 2; log: {log_path}" in process.stderr
-    assert "n_samples=0 is not allowed" in log_path.read_text()
+    assert "trainer.optimizer.params.betas='oops' is not allowed" in log_path.read_text()
     [row] = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
     assert (row["status"], row["exit_code"]) == ("failed", 2)
 

@@ -169,8 +169,11 @@ def test_a_two_job_sweep_runs_on_ray_workers_and_returns_each_jobs_key_metric(en
 @pytest.mark.slow
 def test_a_user_error_in_one_job_fails_that_job_with_one_line_and_the_other_finishes(env, tmp_path, ray_launcher,
                                                                                      ray_temp_dir):
-    result, told, _ = ray_sweep(["stages=[scan]", "data.n_images=12", "data.shapes_image_size=32", "hardware=cpu",
-                                 "sampler=random", "sampler.stopping_condition.n_samples=10,0"],
+    # Job 1 trains, and its run refuses the betas only torch rejects (the sweep's preflight composes and
+    # validates, so a plain config error would stop the sweep before job 0); job 0 only scans.
+    result, told, _ = ray_sweep(["stages=[scan],[scan,select,train]", "+trainer.optimizer.params.betas=oops",
+                                 "data.n_images=12", "data.shapes_image_size=32", "hardware=cpu", "sampler=random",
+                                 "sampler.stopping_condition.n_samples=10"],
                                 env, tmp_path, ray_temp_dir)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
@@ -181,7 +184,7 @@ def test_a_user_error_in_one_job_fails_that_job_with_one_line_and_the_other_fini
     assert told[1]["error"] == f"job 1 failed (exit code 2); its run directory: {sweep_dir / '1'}"
     # The worker's one line reaches the terminal, without a traceback.
     refusals = [line for line in output.splitlines() if "thresher: error:" in line]
-    assert len(refusals) == 1 and "sampler.stopping_condition.n_samples=0 is not allowed" in refusals[0], refusals
+    assert len(refusals) == 1 and "trainer.optimizer.params.betas='oops' is not allowed" in refusals[0], refusals
     assert "Traceback" not in output
 
 

@@ -6,6 +6,7 @@ backend switch), so importing this module costs nothing and works on a machine w
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -38,7 +39,10 @@ def _figure(width_in: float, height_in: float):
 
 
 def save_png(figure, path: Path) -> None:
-    with atomic.atomic_path(path) as tmp:
+    """A file name in a script the font lacks (CJK, emoji) draws as boxes; matplotlib's warning per
+    missing glyph would only put its source path into the run's log, so it is silenced."""
+    with atomic.atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from (current )?font")
         figure.savefig(tmp, format="png", dpi=DPI)
 
 
