@@ -164,15 +164,22 @@ def test_the_preset_sweeps_samplers_budgets_and_seeds_that_exist_with_a_cosine_s
     assert cfg.data.holdout_fraction == 0.2
 
 
+TOKEN = "tok-benchmark-5f1e9a2c7d"
+
+
 @pytest.mark.slow
 def test_a_tiny_benchmark_sweep_on_shapes_writes_the_table_and_the_learning_curve(monkeypatch, capsys, tmp_path,
                                                                                   cache_dir):
     code, out, err = main_in_process(
         ["-m", "+experiment=selection_benchmark", "data.n_images=120", "data.shapes_image_size=32",
          "data.image_size=24", "trainer.epochs=1", "hardware=cpu", "sampler=random,coreset",
-         "sampler.stopping_condition.n_samples=0.1,0.3", "seed=1"], monkeypatch, capsys, tmp_path, cache_dir)
+         "sampler.stopping_condition.n_samples=0.1,0.3", "seed=1", f"token={TOKEN}"], monkeypatch, capsys, tmp_path,
+        cache_dir)
     assert code == 0, err
     sweep = only_run_dir(tmp_path / "runs/multirun")
+    # The gathered table, the plot and every job's files hold no secret (the token went in on argv).
+    assert TOKEN not in out + err
+    assert not [path for path in sweep.rglob("*") if path.is_file() and TOKEN.encode() in path.read_bytes()]
     rows = rows_of(sweep)
     assert [(row["sampler"], row["budget"], row["status"]) for row in rows] == [
         ("random", "0.1", "finished"), ("random", "0.3", "finished"),
