@@ -109,13 +109,20 @@ def _head_name(model: nn.Module) -> str:
     raise UserError(f"cannot find the classification head of {type(model).__name__}")
 
 
-def build_classifier(name: str, num_classes: int, weights: Optional[str], key: str = "model.weights") -> nn.Module:
+def build_classifier(name: str, num_classes: int, weights: Optional[str], key: str = "model.weights",
+                     from_scratch: Optional[str] = "training starts from scratch") -> nn.Module:
     """A torchvision classifier with `num_classes` outputs; given weights load into every layer
-    whose shape fits (the head is left new when the class count differs)."""
+    whose shape fits (the head is left new when the class count differs). Without weights, the
+    run's one RANDOMLY INITIALISED warning says `from_scratch`; None: random weights are intended
+    (self-supervised training follows), logged as information."""
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     state = load_weights(weights, key)
     if state is None:
-        warn_randomly_initialised(name, "embeddings and training start from scratch")
+        if from_scratch is None:
+            log.info("model %s starts from random weights: enable_training=true trains it self-supervised "
+                     "before it embeds", name)
+        else:
+            warn_randomly_initialised(name, from_scratch)
         return model
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -128,9 +135,10 @@ def build_classifier(name: str, num_classes: int, weights: Optional[str], key: s
     return model
 
 
-def build_backbone(name: str, weights: Optional[str], key: str = "model.weights") -> Tuple[nn.Module, int]:
+def build_backbone(name: str, weights: Optional[str], key: str = "model.weights",
+                   from_scratch: Optional[str] = "the embeddings are random features") -> Tuple[nn.Module, int]:
     """The classifier without its last linear layer: image -> embedding vector."""
-    model = build_classifier(name, num_classes=1000, weights=weights, key=key)
+    model = build_classifier(name, num_classes=1000, weights=weights, key=key, from_scratch=from_scratch)
     head_name = _head_name(model)
     head = getattr(model, head_name)
     if isinstance(head, nn.Sequential):

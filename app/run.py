@@ -473,6 +473,10 @@ def run_stages(cfg: DictConfig, run_dir: Path, device: Any, summary: Summary, re
     rerun_from_here = False
     for stage in STAGES:
         if stage not in stages:
+            if stage == "score" and cfg.scorer.method != "none":
+                log.warning("stage score: not in stages=[%s], so scorer=%s does not run here; the select stage "
+                            "reads the data/scores.csv an earlier run of this directory wrote, if any",
+                            ",".join(stages), cfg.scorer.method)
             continue
         if stage == "embed" and not log_why_embed_runs(cfg):
             summary.data["stages"][stage] = {"status": "skipped"}

@@ -134,6 +134,14 @@ def test_scorer_none_skips_the_score_stage(score):
     assert "stage score: skipped, scorer=none" in log
 
 
+def test_a_scorer_left_out_of_stages_is_said_not_silently_ignored(trained, score):
+    code, run_dir, log = score("scorer=margin", f"scorer.checkpoint={trained}", "stages=[scan]")
+    assert code == 0
+    assert ("stage score: not in stages=[scan], so scorer=margin does not run here; the select stage reads the "
+            "data/scores.csv an earlier run of this directory wrote, if any") in log
+    assert "score" not in summary_of(run_dir)["stages"] and not (run_dir / artifacts.SCORES).exists()
+
+
 def test_resume_reuses_the_finished_score_stage_and_a_changed_checkpoint_scores_again(trained, score, tmp_path):
     checkpoint = tmp_path / "model.pt"
     shutil.copy(trained, checkpoint)

@@ -175,3 +175,6 @@ def test_a_run_with_enable_training_and_weights_ssl_trains_from_its_ssl_backbone
     assert code == 0, err
     text = out + err
     assert "ssl: loss " in text and "train: starting from the SSL backbone checkpoints/ssl_backbone.pt" in text
+    # Random weights that SSL trains, then a classifier from that backbone: nothing is from scratch.
+    assert "RANDOMLY INITIALISED" not in text
+    assert "model resnet18 starts from random weights: enable_training=true trains it self-supervised" in text

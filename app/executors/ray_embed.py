@@ -134,7 +134,7 @@ class _EmbedActor:
 
         torch.set_num_threads(threads)
         logging.getLogger("thresher").setLevel(logging.ERROR)  # the driver said how the weights were made
-        model, self.dim = build_backbone(model_name, None)
+        model, self.dim = build_backbone(model_name, None, from_scratch=None)  # the driver's weights follow
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)

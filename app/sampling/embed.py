@@ -66,7 +66,12 @@ def embed_stage(cfg: DictConfig, run_dir: Path, device: torch.device) -> EmbedRe
         # model.weights=ssl: enable_training trains the SSL backbone from scratch here; without it,
         # the backbone an earlier run trained in this run directory makes the embeddings.
         weights = None if cfg.enable_training else weights_in_run(weights, run_dir)
-    model, dim = build_backbone(model_name, weights, "checkpoint" if cfg.checkpoint else "model.weights")
+    trains_it_too = "train" in cfg.stages and model_name == cfg.model.name and not cfg.model.weights
+    from_scratch = (None if cfg.enable_training  # random on purpose: SSL trains it next
+                    else "embeddings and training start from scratch" if trains_it_too
+                    else "the embeddings are random features")
+    model, dim = build_backbone(model_name, weights, "checkpoint" if cfg.checkpoint else "model.weights",
+                                from_scratch=from_scratch)
     ssl_details = {}
     if cfg.enable_training:
         from app.sampling.ssl import train_backbone_simclr
