@@ -201,6 +201,43 @@ def test_run_writes_a_finished_run_to_the_output_mount_and_never_the_token(image
     assert files_containing(output_dir, token.encode()) == []
 
 
+def test_scores_from_an_earlier_runs_checkpoint_drive_the_selection_in_a_container(image, input_dir, output_dir):
+    """Issue 17's pieces in the image: a lightly.* key, typical with known-label balance and a held-out
+    fifth that trains a best.pt; then that checkpoint scores a second run, whose hybrid sampler and
+    predicted-label balance read the scores."""
+    def run(*overrides: str) -> subprocess.CompletedProcess:
+        name = container_name()
+        try:
+            return docker("run", "--rm", "--name", name, *user_args(), *mounts(input_dir, output_dir), image,
+                          "data=folder", "hardware=cpu", "data.image_size=32", "trainer.epochs=1",
+                          "data.holdout_fraction=0.2", *overrides)
+        finally:
+            remove_container(name)
+
+    first = run("lightly.loader.batch_size=8", "sampler=typical", "sampler.balance=known",
+                "sampler.stopping_condition.n_samples=9", "note=first")
+    assert first.returncode == 0, tail(first.stdout + first.stderr)
+    assert b"lightly.loader.batch_size=8 -> sampler.batch_size=8" in first.stdout + first.stderr
+    [first_dir] = [path for path in run_directories(output_dir) if path.name.endswith("_first")]
+    select = read_summary(first_dir)["stages"]["select"]
+    assert select["picks_per_class"] == {name: 3 for name in CLASSES}
+    checkpoint = f"/data/output/{first_dir.relative_to(output_dir)}/checkpoints/best.pt"
+
+    second = run("scorer=margin", f"scorer.checkpoint={checkpoint}", "sampler=hybrid",
+                 "sampler.balance=predicted", "sampler.stopping_condition.n_samples=6",
+                 "stages=[scan,embed,score,select]", "note=second")
+    assert second.returncode == 0, tail(second.stdout + second.stderr)
+    [second_dir] = [path for path in run_directories(output_dir) if path.name.endswith("_second")]
+    summary = read_summary(second_dir)
+    held_out = set(lines_of(second_dir / "data/holdout_files.csv")[1:])
+    scored = lines_of(second_dir / "data/scores.csv")
+    assert scored[0] == "filenames,score,predicted_label" and len(scored) - 1 == summary["stages"]["score"]["n_scored"]
+    assert not held_out & {line.split(",")[0] for line in scored[1:]}  # held-out images are never scored
+    picked = lines_of(second_dir / "filenames/sampled_filenames.txt")
+    assert len(picked) == 6 and summary["stages"]["select"]["balance"] == "predicted"
+    assert "scored" in (second.stdout + second.stderr).decode() and (second_dir / "plots/scores_histogram.png").is_file()
+
+
 def test_docker_default_small_shm_with_loader_workers_warns_and_trains_without_a_bus_error(
         image, input_dir, output_dir):
     name = container_name()

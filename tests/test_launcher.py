@@ -7,6 +7,7 @@ they skip, except under CI=true, where they fail.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import secrets
@@ -485,6 +486,33 @@ def test_a_two_job_sweep_runs_in_containers_and_gathers_a_summary(
     assert token not in process.stdout + process.stderr
     leaked = [path for path in tmp_path.rglob("*") if path.is_file() and token.encode() in path.read_bytes()]
     assert leaked == []
+
+
+@pytest.mark.docker
+def test_the_selection_benchmark_runs_its_jobs_in_containers_and_gathers_its_table_here(
+        docker_client, image_folder, launcher_env, tmp_path):
+    label = f"thresher_test={uuid.uuid4().hex}"
+    try:
+        process = thresher(["-m", "hydra/launcher=docker", "+experiment=selection_benchmark", "data=folder",
+                            f"data.input_dir={image_folder}", *TINY, "trainer.epochs=1", "sampler=random,typical",
+                            "sampler.stopping_condition.n_samples=0.5", "seed=1", "hydra.launcher.max_parallel=2",
+                            f"+hydra.launcher.labels.{label}"], launcher_env, tmp_path)
+        assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    finally:
+        remove_labelled(docker_client, label)
+
+    sweep_dir = the_sweep_dir(tmp_path / "runs")
+    with open(sweep_dir / "benchmark.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["sampler"], row["budget"], row["status"]) for row in rows] == [
+        ("random", "0.5", "finished"), ("typical", "0.5", "finished")], rows
+    assert all(0 <= float(row["value"]) <= 1 and row["key_metric"] == "val_top1" for row in rows)
+    held_out = [json.loads((sweep_dir / str(job) / "report.json").read_text())["counts"]["held_out"]
+                for job in (0, 1)]
+    assert held_out[0] == held_out[1] > 0  # the same held-out images for every job
+    assert (sweep_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| typical |" in (sweep_dir / "benchmark.md").read_text()
+    assert "# Selection benchmark: val_top1 by sampler and budget" in process.stdout
 
 
 @pytest.mark.docker
