@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -140,6 +140,16 @@ def only_run_dir(work_dir: Path) -> Path:
     return runs[0]
 
 
+def every_nth_fast(cases: list, n: int, ids: Optional[List[str]] = None) -> list:
+    """An exhaustive parametrization (every optimizer, every refusal) for the fast tier: every n-th
+    case runs there, so a contributor still sees each kind of check work between two edits; the
+    others are marked slow, so `--slow` (CI) still runs every case with its assertions."""
+    return [pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                         id=None if ids is None else ids[index],
+                         marks=() if index % n == 0 else pytest.mark.slow)
+            for index, case in enumerate(cases)]
+
+
 def main_in_process(args: List[str], monkeypatch, capsys, tmp_path: Path, cache_dir: Path) -> tuple:
     """`thresher *args` in this process, Hydra's job included: what the CLI tests check through a
     fresh process, at a fraction of the cost (the fast tier). Returns (exit code, stdout, stderr).
@@ -170,7 +180,7 @@ def main_in_process(args: List[str], monkeypatch, capsys, tmp_path: Path, cache_
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:
         for logger, handlers, level in saved:
-            for handler in logger.handlers:
+            for handler in list(logger.handlers):  # a copy: removing while iterating skips one
                 if handler not in handlers:
                     logger.removeHandler(handler)
                     handler.close()

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from app import cli
 from app.config import validate
 from app.sampling.samplers import get_sampler
-from conftest import ROOT, compose, main_in_process, thresher
+from conftest import ROOT, compose, every_nth_fast, main_in_process, thresher
 
 
 pytestmark = pytest.mark.usefixtures("registered")
@@ -132,7 +132,7 @@ def test_bad_override_exits_2_with_one_clear_line(overrides, expected, env, tmp_
     assert not (tmp_path / "runs").exists(), "a refused run must not create its run directory"
 
 
-@pytest.mark.parametrize("overrides,expected", REFUSALS, ids=[" ".join(o) for o, _ in REFUSALS])
+@pytest.mark.parametrize("overrides,expected", every_nth_fast(REFUSALS, 3, ids=[" ".join(o) for o, _ in REFUSALS]))
 def test_bad_override_in_process_exits_2_with_one_clear_line(overrides, expected, monkeypatch, capsys, tmp_path,
                                                              cache_dir):
     """The fast tier's run of the refusals above: `app.cli.main` in this process, as the CLI calls it."""

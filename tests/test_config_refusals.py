@@ -13,7 +13,7 @@ from app.config import TASK_METRICS, validate
 from app.train.schema import OPTIMIZERS, SCHEDULERS
 from app.errors import UserError
 from app.train.loop import check_train_config
-from conftest import SMALL, compose, thresher
+from conftest import SMALL, compose, every_nth_fast, thresher
 
 
 pytestmark = pytest.mark.usefixtures("registered")
@@ -89,7 +89,8 @@ TORCH_REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,start", TORCH_REFUSALS, ids=[" ".join(o) for o, _ in TORCH_REFUSALS])
+@pytest.mark.parametrize("overrides,start",
+                         every_nth_fast(TORCH_REFUSALS, 4, ids=[" ".join(o) for o, _ in TORCH_REFUSALS]))
 def test_a_value_torch_refuses_is_refused_by_the_train_check_naming_the_key(overrides, start):
     overrides = ["trainer.epochs=3", *overrides]  # the messages name the epoch a scheduler fails at
     cfg = compose(*overrides)
@@ -112,15 +113,15 @@ def test_every_offered_scheduler_has_a_working_case_below():
 
 
 # A warm-up cannot precede ReduceLROnPlateau: that is refused by name (below).
-@pytest.mark.parametrize("scheduler,warmup", [(s, w) for s in SCHEDULERS for w in (0, 1)
-                                              if not (s == "ReduceLROnPlateau" and w)])
+@pytest.mark.parametrize("scheduler,warmup", every_nth_fast([(s, w) for s in SCHEDULERS for w in (0, 1)
+                                                             if not (s == "ReduceLROnPlateau" and w)], 5))
 def test_every_offered_scheduler_with_working_arguments_passes_the_check(scheduler, warmup):
     validated_then_checked(compose("trainer.epochs=3", f"trainer.scheduler.type={scheduler}",
                                    f"trainer.scheduler.warmup_epochs={warmup}",
                                    *(f"+trainer.scheduler.params.{p}" for p in SCHEDULER_PARAMS[scheduler])))
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", every_nth_fast(list(OPTIMIZERS), 4))
 def test_every_offered_optimizer_passes_the_check(optimizer):
     validated_then_checked(compose(f"trainer.optimizer.type={optimizer}", "~trainer.optimizer.params.weight_decay"))
 

@@ -51,7 +51,7 @@ def embed(image_folder: Path, run_dir: Path, backbone, monkeypatch, workers: int
                   "enable_corruptness_check=false", "remove_exact_duplicates=false")
     scan_stage(cfg, run_dir)
     model = copy.deepcopy(backbone)
-    monkeypatch.setattr(embed_module, "build_backbone", lambda name, weights, key="model.weights": (model, 512))
+    monkeypatch.setattr(embed_module, "build_backbone", lambda *_, **__: (model, 512))
     return embed_module.embed_stage(cfg, run_dir, torch.device("cpu"))
 
 
