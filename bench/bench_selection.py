@@ -5,11 +5,15 @@ and prints its table (benchmark.md), with the command, machine and time.
     .venv/bin/python bench/bench_selection.py --data digits                    # needs scikit-learn
     .venv/bin/python bench/bench_selection.py --data digits --samplers random,coreset,typical \\
         --budgets 0.05,0.1,0.2 --seeds 1,2,3 --epochs 30
+    .venv/bin/python bench/bench_selection.py --data digits --ssl-epochs 20      # SSL embeddings, made once
 
 digits: scikit-learn's handwritten digits (1797 8x8 images, 10 classes, shipped inside its wheel),
 written as PNG class folders upscaled to --size px, then run as data=folder. shapes: thresher's
 own synthetic shapes (3 classes, easy). Everything else is the preset's (held-out split, cosine
-schedule); `--set key=value` passes more overrides. scikit-learn is not a thresher dependency:
+schedule); `--set key=value` passes more overrides. --ssl-epochs N first trains the backbone
+self-supervised once (enable_training=true, stages=[scan,embed], on the same held-out split) and
+gives every job its data/embeddings.csv through embeddings=, instead of each job embedding with
+random weights. scikit-learn is not a thresher dependency:
 `.venv/bin/pip install scikit-learn` for --data digits.
 """
 from __future__ import annotations
@@ -45,6 +49,26 @@ def write_digits(folder: Path, size: int) -> int:
     return len(digits.images)
 
 
+def ssl_embeddings(sweep_overrides: list, epochs: int, env: dict):
+    """One run of scan and embed with enable_training=true on the sweep's data and held-out split;
+    returns its data/embeddings.csv (None on failure, with the run's output printed)."""
+    single = [o for o in sweep_overrides if o not in ("-m", "+experiment=selection_benchmark")
+              and not o.startswith(("sampler=", "sampler.stopping_condition", "seed=", "trainer.", "note="))]
+    command = [sys.executable, "-m", "app", *single, "enable_training=true", f"ssl.epochs={epochs}",
+               "stages=[scan,embed]", "note=bench_ssl_embeddings"]
+    print("# " + " ".join(command[1:]))
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    runs = sorted(Path(env["THRESHER_WORK_DIR"]).glob("*_bench_ssl_embeddings"))
+    if result.returncode != 0 or not runs or not (runs[-1] / "data/embeddings.csv").is_file():
+        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
+        print(f"the SSL embedding run failed (exit code {result.returncode})")
+        return None
+    fell = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "no-learning level" in line]
+    print(f"# SSL embeddings in {(time.perf_counter() - started) / 60:.1f} min; {fell[-1].split('] - ')[-1] if fell else ''}")
+    return runs[-1] / "data/embeddings.csv"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=("shapes", "digits"), default="shapes")
@@ -58,6 +82,8 @@ def main() -> int:
     parser.add_argument("--holdout", type=float, default=0.2, help="data.holdout_fraction (0: the preset's own)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the sweep goes (default: a temp folder)")
     parser.add_argument("--set", action="append", default=[], help="a further override, key=value")
+    parser.add_argument("--ssl-epochs", type=int, default=0,
+                        help="train SSL embeddings once for this many epochs and share them (0: random weights)")
     args = parser.parse_args()
 
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_selection_"))
@@ -78,6 +104,11 @@ def main() -> int:
 
     env = {**os.environ, "THRESHER_WORK_DIR": str(work_dir / "runs"), "PYTHONUNBUFFERED": "1"}
     env.setdefault("THRESHER_CACHE_DIR", str(work_dir / "cache"))
+    if args.ssl_epochs > 0:
+        embeddings = ssl_embeddings(overrides, args.ssl_epochs, env)
+        if embeddings is None:
+            return 1
+        overrides.append(f"embeddings={embeddings}")
     command = [sys.executable, "-m", "app", *overrides]
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.data}: {n_images} images")
