@@ -49,12 +49,10 @@ def write_digits(folder: Path, size: int) -> int:
     return len(digits.images)
 
 
-def ssl_embeddings(sweep_overrides: list, epochs: int, env: dict):
+def ssl_embeddings(data_overrides: list, epochs: int, env: dict):
     """One run of scan and embed with enable_training=true on the sweep's data and held-out split;
     returns its data/embeddings.csv (None on failure, with the run's output printed)."""
-    single = [o for o in sweep_overrides if o not in ("-m", "+experiment=selection_benchmark")
-              and not o.startswith(("sampler=", "sampler.stopping_condition", "seed=", "trainer.", "note="))]
-    command = [sys.executable, "-m", "app", *single, "enable_training=true", f"ssl.epochs={epochs}",
+    command = [sys.executable, "-m", "app", *data_overrides, "enable_training=true", f"ssl.epochs={epochs}",
                "stages=[scan,embed]", "note=bench_ssl_embeddings"]
     print("# " + " ".join(command[1:]))
     started = time.perf_counter()
@@ -64,8 +62,9 @@ def ssl_embeddings(sweep_overrides: list, epochs: int, env: dict):
         print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
         print(f"the SSL embedding run failed (exit code {result.returncode})")
         return None
-    fell = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "no-learning level" in line]
-    print(f"# SSL embeddings in {(time.perf_counter() - started) / 60:.1f} min; {fell[-1].split('] - ')[-1] if fell else ''}")
+    fell = [line.split("] - ")[-1] for line in result.stderr.splitlines() + result.stdout.splitlines()
+            if "no-learning level" in line]
+    print(f"# SSL embeddings in {(time.perf_counter() - started) / 60:.1f} min; {fell[-1] if fell else ''}")
     return runs[-1] / "data/embeddings.csv"
 
 
@@ -87,25 +86,27 @@ def main() -> int:
     args = parser.parse_args()
 
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_selection_"))
-    overrides = ["-m", "+experiment=selection_benchmark", "hardware=cpu", f"note=bench_{args.data}",
-                 f"sampler={args.samplers}", f"sampler.stopping_condition.n_samples={args.budgets}",
-                 f"seed={args.seeds}", f"trainer.epochs={args.epochs}", f"data.image_size={args.size}"]
+    # what every run of the benchmark shares (the SSL run too), then what the sweep varies
+    data = ["hardware=cpu", f"data.image_size={args.size}"]
     if args.data == "digits":
         folder = work_dir / "digits"
         n_images = write_digits(folder, args.size)
         # a mirrored digit is another digit (or none): no flips
-        overrides += ["data=folder", f"data.input_dir={folder}", "data.augment.hflip=0"]
+        data += ["data=folder", f"data.input_dir={folder}", "data.augment.hflip=0"]
     else:
         n_images = args.n_images
-        overrides += [f"data.n_images={n_images}", f"data.shapes_image_size={max(32, args.size)}"]
+        data += [f"data.n_images={n_images}", f"data.shapes_image_size={max(32, args.size)}"]
     if args.holdout > 0:
-        overrides.append(f"data.holdout_fraction={args.holdout}")
-    overrides += args.set
+        data.append(f"data.holdout_fraction={args.holdout}")
+    data += args.set
+    overrides = ["-m", "+experiment=selection_benchmark", f"note=bench_{args.data}", f"sampler={args.samplers}",
+                 f"sampler.stopping_condition.n_samples={args.budgets}", f"seed={args.seeds}",
+                 f"trainer.epochs={args.epochs}", *data]
 
     env = {**os.environ, "THRESHER_WORK_DIR": str(work_dir / "runs"), "PYTHONUNBUFFERED": "1"}
     env.setdefault("THRESHER_CACHE_DIR", str(work_dir / "cache"))
     if args.ssl_epochs > 0:
-        embeddings = ssl_embeddings(overrides, args.ssl_epochs, env)
+        embeddings = ssl_embeddings(data, args.ssl_epochs, env)
         if embeddings is None:
             return 1
         overrides.append(f"embeddings={embeddings}")
