@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from app import cli
 from app.config import validate
 from app.sampling.samplers import get_sampler
-from conftest import ROOT, compose, every_nth_fast, main_in_process, thresher
+from conftest import ROOT, compose, every_nth_fast, main_in_process, require_module, thresher
 
 
 pytestmark = pytest.mark.usefixtures("registered")
@@ -45,6 +45,8 @@ def test_every_option_of_every_group_composes_and_validates(group, tmp_path):
                                                            if "object" in option else [])
         if group == "sampler" and get_sampler(option).needs_scores:  # it selects by a scorer's scores
             extra = ["scorer=least_confidence", f"scorer.checkpoint={checkpoint}"]
+        if group == "executor" and option == "ray":
+            require_module("ray", "pip install -e '.[ray]'")  # executor=ray is refused without Ray
         if group == "experiment":  # presets are added to the defaults (+experiment=...), and bring their data
             cfg = compose(f"+{group}={option}")
             if "root" in cfg.data:  # a preset of data that lives under a root folder (oxford_pet)
@@ -314,6 +316,9 @@ def test_a_tilde_in_an_override_says_to_write_home():
                                   "'~'; write data.input_dir=$HOME/images")
 
 
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper"
+
+
 # ---- a sweep's overrides are checked before Hydra starts a job ---------------------------------
 
 @pytest.mark.parametrize("args, line", [
@@ -328,6 +333,8 @@ def test_a_tilde_in_an_override_says_to_write_home():
 ])
 def test_a_sweep_with_a_bad_override_exits_2_with_one_line_before_any_job(args, line, monkeypatch, capsys,
                                                                           tmp_path, cache_dir):
+    if "hydra/sweeper=optuna" in args:
+        require_module(OPTUNA_SWEEPER, "pip install -e '.[optuna]'")
     code, out, err = main_in_process(["-m", *args], monkeypatch, capsys, tmp_path, cache_dir)
     assert code == 2 and err.strip().splitlines()[0].startswith(line) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists(), "a refused sweep must not create its folder"
@@ -345,4 +352,5 @@ def test_the_sweep_preflight_composes_every_combination_or_every_value_once():
     assert {sample[0] for sample in many} == {f"seed={i}" for i in range(MAX_COMBINATIONS_CHECKED)}
     assert {sample[1] for sample in many} == {"sampler=random", "sampler=coreset", "sampler=typical"}
     assert sweep_samples(["sampler=glob(co*)"]) == [["sampler=coreset"]]
+    require_module(OPTUNA_SWEEPER, "pip install -e '.[optuna]'")
     assert sweep_samples(["hydra/sweeper=optuna", "seed=interval(1,5)"]) == [["hydra/sweeper=optuna", "seed=1"]]

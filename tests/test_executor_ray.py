@@ -101,6 +101,7 @@ def test_ray_leaves_no_shared_scratch_file_and_says_where_it_ran(local_and_ray_r
     (["executor.name=rey"], "executor.name='rey' is not allowed: choose from local, ray (did you mean ray?)"),
 ])
 def test_the_cluster_keys_are_checked_before_any_work(overrides, message):
+    require_module("ray", "pip install -e '.[ray]'")  # executor=ray is refused without Ray
     from app.config import validate
     from app.errors import UserError
 
@@ -127,6 +128,7 @@ def test_an_address_nothing_listens_on_fails_at_once_with_one_line(tmp_path, env
 
 
 def test_composing_an_executor_ray_config_imports_neither_ray_nor_torch():
+    require_module("ray", "pip install -e '.[ray]'")
     import subprocess
     import sys
 
